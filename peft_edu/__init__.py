@@ -1,0 +1,26 @@
+"""peft_edu: parameter-efficient fine-tuning built from scratch, checked against Hugging Face PEFT.
+
+    import peft_edu
+    model = peft_edu.get_peft_model(model, peft_edu.LoraConfig(r=8, target_modules=["query", "value"]))
+    peft_edu.print_trainable_parameters(model)
+    ...train...
+    peft_edu.save_adapter(model, "my-adapter")        # loads with peft.PeftModel.from_pretrained too
+"""
+
+from .config import LoraConfig, PeftConfig
+from .lora import LoraLinear
+from .model import (
+    count_parameters,
+    get_peft_model,
+    load_adapter,
+    merge,
+    print_trainable_parameters,
+    save_adapter,
+    unload,
+    unmerge,
+)
+
+__all__ = [
+    "LoraConfig", "PeftConfig", "LoraLinear", "count_parameters", "get_peft_model", "load_adapter", "merge",
+    "print_trainable_parameters", "save_adapter", "unload", "unmerge",
+]

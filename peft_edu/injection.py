@@ -1,0 +1,145 @@
+"""How a method gets into a pretrained model: find the target modules, wrap each one.
+
+Every method of the course changes a model in one of three places, and all three are done the
+same way here: the module at that place is replaced by a wrapper that holds the original module
+(frozen, as ``base_layer``) and adds the method's few trainable parameters around it.
+
+* replacing a linear layer:        LoRA, DoRA and IA³ wrap ``nn.Linear`` (the weight is untouched);
+* wrapping a sublayer's output:    bottleneck adapters wrap the attention / FFN output sublayer;
+* extending attention or inputs:   prefix tuning, P-tuning v2 and prompt tuning add virtual keys,
+                                   values or token embeddings in front of the real ones.
+
+Because the wrapper holds the original, the adapter can always be taken out again and the frozen
+weights are never modified (merging, see ``AdapterLayer.merge``, is the one exception and is undone
+exactly by ``unmerge``). Names follow PEFT: ``query`` becomes ``query.base_layer`` + ``query.lora_A`` ...,
+which is also why PEFT's adapter files map one to one onto our parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every wrapper a method puts into the model.
+
+    The frozen original sits in ``self.base_layer``; everything else a subclass registers is the
+    adapter's state, which is what ``save_adapter`` writes. Subclasses that can be folded into the
+    base weight implement ``merge_into_base`` and ``unmerge_from_base``.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged = False
+
+    def adapter_state_dict(self) -> dict:
+        """The adapter's own tensors, keyed relative to this layer (``lora_A.weight``, ...)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("This layer is already merged; call unmerge() first if you want to merge again.")
+        self.merge_into_base()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("This layer is not merged, so there is nothing to unmerge.")
+        self.unmerge_from_base()
+        self.merged = False
+
+    def merge_into_base(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    def unmerge_from_base(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged.")
+
+
+class TrainedCopy(nn.Module):
+    """A module trained in full next to the adapter (PEFT's ``modules_to_save``).
+
+    Like PEFT we keep the pretrained module untouched and train a copy, so that the adapter can be
+    removed cleanly. It also means the head is counted twice in "all params", exactly as PEFT counts it.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = copy.deepcopy(module).requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        return self.modules_to_save(*args, **kwargs)
+
+
+def matches(target_modules: list[str] | str, name: str) -> bool:
+    """PEFT's matching rule for one module name (see ``PeftConfig.target_modules``)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str, kind: type = nn.Linear) -> list[str]:
+    """Names of the modules that ``target_modules`` selects, checked strictly.
+
+    Unlike PEFT, an entry that matches nothing is an error even when other entries match (PEFT
+    issue #1959 shows how a typo then trains fewer layers than intended, silently).
+    Matching a module of another type than ``kind`` is an error too. Modules trained in full
+    (``TrainedCopy``, PEFT's ``modules_to_save``) are never targets, as in PEFT.
+    """
+    inside_copies = [n + "." for n, m in model.named_modules() if isinstance(m, TrainedCopy)]
+    names = [name for name, _ in model.named_modules() if name and not name.startswith(tuple(inside_copies))]
+    found = [name for name in names if matches(target_modules, name)]
+    if isinstance(target_modules, str):
+        unmatched = [] if found else [target_modules]
+    else:
+        unmatched = [t for t in target_modules if not any(matches([t], n) for n in found)]
+    if unmatched:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kind)})
+        raise ValueError(
+            f"target_modules entry {unmatched[0]!r} matches no module of {type(model).__name__}. "
+            f"Names of its {kind.__name__} layers: {leaf_names}. Full names look like {_example_name(model, kind)!r}."
+        )
+    modules = dict(model.named_modules())
+    wrong = [n for n in found if not isinstance(modules[n], kind)]
+    if wrong:
+        raise TypeError(
+            f"target_modules selects {wrong[0]!r}, a {type(modules[wrong[0]]).__name__}; this method adapts only "
+            f"{kind.__name__} layers. Name the {kind.__name__} layers inside it instead."
+        )
+    return found
+
+
+def _example_name(model: nn.Module, kind: type) -> str:
+    return next((n for n, m in model.named_modules() if isinstance(m, kind)), "")
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new_module)
+
+
+def wrap_targets(model: nn.Module, names: list[str], make_wrapper: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace each named module by ``make_wrapper(original)``."""
+    for name in names:
+        replace_module(model, name, make_wrapper(model.get_submodule(name)))
+
+
+def train_copies_of(model: nn.Module, module_names: list[str]) -> None:
+    """Wrap each module that an entry of ``module_names`` selects (PEFT's suffix rule) in a ``TrainedCopy``."""
+    for entry in module_names:
+        found = [n for n, _ in model.named_modules() if n and matches([entry], n)]
+        if not found:
+            top = sorted(n for n, _ in model.named_children())
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module; top-level modules are {top}.")
+        for name in found:
+            replace_module(model, name, TrainedCopy(model.get_submodule(name)))
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}

@@ -1,0 +1,206 @@
+"""The user-facing verbs: get_peft_model, merge/unmerge, save_adapter/load_adapter.
+
+Unlike PEFT, ``get_peft_model`` returns the *same* model object, changed in place: its layers are
+wrapped (see ``injection.py``) and its config is stored as ``model.peft_edu_config``. Nothing else
+wraps the model, so ``model(**batch)``, ``model.generate(...)`` and HF ``Trainer`` work unchanged.
+
+Adapter files use PEFT's format: ``adapter_config.json`` plus ``adapter_model.safetensors`` whose keys
+are ``base_model.model.<module name>.<tensor>``, e.g.
+``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CLASSIFIER_HEAD_NAMES, LoraConfig, PeftConfig, load_config
+from .injection import AdapterLayer, TrainedCopy, adapter_layers, matches, replace_module, train_copies_of
+from .lora import inject_lora
+
+# One injector per method: each wraps the modules its method adapts (see injection.py).
+INJECTORS = {"LORA": inject_lora}
+
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+def get_peft_model(model: nn.Module, config: PeftConfig) -> nn.Module:
+    """Freeze ``model``, add the method described by ``config`` and return the (same) model."""
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"config must be a peft_edu config such as peft_edu.LoraConfig, not {type(config).__name__}.")
+    if hasattr(model, "peft_edu_config"):
+        raise ValueError("This model already has a peft_edu adapter; call peft_edu.unload(model) first or load a fresh model.")
+    model.peft_edu_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    train_copies_of(model, _modules_to_save(model, config))
+    INJECTORS[config.peft_type](model, config)
+    model.peft_edu_config = config
+    return model
+
+
+def _modules_to_save(model: nn.Module, config: PeftConfig) -> list[str]:
+    """The user's ``modules_to_save`` plus, for SEQ_CLS, the classification head (as PEFT adds it)."""
+    entries = list(config.modules_to_save or [])
+    if config.task_type != "SEQ_CLS":
+        return entries
+    names = [n for n, _ in model.named_modules()]
+    heads = [h for h in CLASSIFIER_HEAD_NAMES if any(matches([h], n) for n in names)]
+    if not heads:
+        raise ValueError(
+            f"task_type='SEQ_CLS' trains the classification head, but {type(model).__name__} has no module named "
+            f"{' or '.join(CLASSIFIER_HEAD_NAMES)}. Load the model with AutoModelForSequenceClassification."
+        )
+    # PEFT writes both head names into adapter_config.json; only the one this model has is required.
+    return [e for e in entries if e not in CLASSIFIER_HEAD_NAMES] + heads
+
+
+def _peft_config(model: nn.Module) -> PeftConfig:
+    config = getattr(model, "peft_edu_config", None)
+    if config is None:
+        raise ValueError("This model has no peft_edu adapter: call peft_edu.get_peft_model(model, config) first.")
+    return config
+
+
+# --- counting ---------------------------------------------------------------------------------
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, counted exactly as PEFT's ``get_nb_trainable_parameters``."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line, e.g. ``trainable params: 73,728 || all params: 22,786,944 || trainable%: 0.3236``."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+# --- merge / unmerge / unload -----------------------------------------------------------------
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (W₀ ← W₀ + ΔW); outputs stay the same.
+
+    Merging a merged model is an error (it would add ΔW twice); ``unmerge`` undoes it.
+    """
+    _peft_config(model)
+    layers = adapter_layers(model).values()
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("The adapter is already merged; merging again would add ΔW twice. Call unmerge(model) first.")
+    for layer in layers:
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from its base weight again (W₀ ← W₀ − ΔW)."""
+    _peft_config(model)
+    layers = adapter_layers(model).values()
+    if not any(layer.merged for layer in layers):
+        raise RuntimeError("The adapter is not merged, so there is nothing to unmerge.")
+    for layer in layers:
+        layer.unmerge()
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Take the adapter out (unmerging it first if needed) and give back the original model."""
+    _peft_config(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterLayer):
+            if module.merged:
+                module.unmerge()
+            replace_module(model, name, module.base_layer)
+        elif isinstance(module, TrainedCopy):
+            replace_module(model, name, module.original_module)
+    for name, param in model.named_parameters():
+        param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
+    del model.peft_edu_config, model.peft_edu_requires_grad
+    return model
+
+
+# --- adapter files ----------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, keyed as in PEFT's file (without the ``base_model.model.`` prefix).
+
+    They share storage with the model's parameters, so copying into them loads an adapter.
+    """
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            own = module.adapter_state_dict()
+        elif isinstance(module, TrainedCopy):
+            own = module.modules_to_save.state_dict()  # saved under the head's own name, as PEFT does
+        else:
+            continue
+        state.update({f"{name}.{key}": tensor for key, tensor in own.items()})
+    return state
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does.
+
+    ``peft.PeftModel.from_pretrained(base_model, directory)`` loads the result.
+    """
+    config = _peft_config(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(layer.merged for layer in adapter_layers(model).values()):
+        raise RuntimeError("Save the adapter before merging (or unmerge(model) first): a merged W₀ is no longer the base model's.")
+    tensors = {PEFT_KEY_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    type(config)(**{**vars(config), "base_model_name_or_path": name_or_path, "inference_mode": True}).save(directory)
+
+
+def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
+    """Add the adapter saved in ``directory`` (by PEFT or peft_edu) to ``base_model`` and return it.
+
+    Every tensor in the file must find its parameter with the same shape, and every adapter
+    parameter must be in the file; otherwise the error names the module and both shapes, and the
+    base model is given back unchanged.
+    """
+    directory = Path(directory)
+    config = load_config(directory)
+    weights_path = directory / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} does not exist (adapter_config.json is there, the weights are not).")
+    saved = load_file(str(weights_path))
+    model = get_peft_model(base_model, config)
+    try:
+        _copy_into(model, saved, config)
+    except Exception:
+        unload(model)
+        raise
+    return model
+
+
+def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftConfig) -> None:
+    expected = adapter_state_dict(model)
+    given = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in saved.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        lines = [f"The adapter file does not fit this {type(model).__name__} with {type(config).__name__}"
+                 f"(target_modules={config.target_modules!r}):"]
+        if missing:
+            lines.append(f"  {len(missing)} tensors missing from the file, e.g. {missing[:3]}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} tensors in the file have no place in the model, e.g. {unexpected[:3]}")
+        lines.append("Was the adapter trained on another base model?")
+        raise ValueError("\n".join(lines))
+    for key, target in expected.items():
+        if given[key].shape != target.shape:
+            module = key.rsplit(".", 2)[0]
+            raise ValueError(
+                f"Shape mismatch at {module}: the file has {key.rsplit('.', 2)[1]} of shape {tuple(given[key].shape)}, "
+                f"the model expects {tuple(target.shape)}. The adapter was trained on another base model "
+                f"or with other settings (here {_settings(config)})."
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(given[key])
+
+
+def _settings(config: PeftConfig) -> str:
+    if isinstance(config, LoraConfig):
+        return f"r={config.r}"
+    return type(config).__name__
