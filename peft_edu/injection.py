@@ -98,13 +98,14 @@ def find_targets(model: nn.Module, target_modules: list[str] | str, kind: type =
         unmatched = [] if found else [target_modules]
     else:
         unmatched = [t for t in target_modules if not any(matches([t], n) for n in found)]
+    modules = dict(model.named_modules())
     if unmatched:
-        leaf_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kind)})
+        # Only the model's own layers are candidates, not those inside a TrainedCopy.
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in names if isinstance(modules[n], kind)})
         raise ValueError(
             f"target_modules entry {unmatched[0]!r} matches no module of {type(model).__name__}. "
             f"Names of its {kind.__name__} layers: {leaf_names}. Full names look like {_example_name(model, kind)!r}."
         )
-    modules = dict(model.named_modules())
     wrong = [n for n in found if not isinstance(modules[n], kind)]
     if wrong:
         raise TypeError(

@@ -34,10 +34,14 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> nn.Module:
     if hasattr(model, "peft_edu_config"):
         raise ValueError("This model already has a peft_edu adapter; call peft_edu.unload(model) first or load a fresh model.")
     model.peft_edu_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    train_copies_of(model, _modules_to_save(model, config))
-    INJECTORS[config.peft_type](model, config)
     model.peft_edu_config = config
+    try:
+        model.requires_grad_(False)
+        train_copies_of(model, _modules_to_save(model, config))
+        INJECTORS[config.peft_type](model, config)
+    except Exception:
+        unload(model)  # a bad config leaves the model as it was: no wrappers, same requires_grad
+        raise
     return model
 
 
@@ -141,10 +145,10 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
     ``peft.PeftModel.from_pretrained(base_model, directory)`` loads the result.
     """
     config = _peft_config(model)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if any(layer.merged for layer in adapter_layers(model).values()):
         raise RuntimeError("Save the adapter before merging (or unmerge(model) first): a merged W₀ is no longer the base model's.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_KEY_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
