@@ -13,7 +13,8 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export PYTHONHASHSEED = 0
-export MPLBACKEND = Agg
+# Progress bars are for people at a notebook; the book and CI logs get one summary line per epoch.
+export PEFT_EDU_PROGRESS = 0
 
 .PHONY: setup assets book test unit notebooks book-strict clean
 

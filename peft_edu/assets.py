@@ -169,6 +169,7 @@ def load_encoder(num_labels: int | None = None, online: bool | None = None):
     initialised (seed-dependent: seed before calling).
     """
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     if _is_online(online):
         source, kwargs = ENCODER_HUB_ID, {}
@@ -178,9 +179,14 @@ def load_encoder(num_labels: int | None = None, online: bool | None = None):
         kwargs = {"local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if num_labels is None:
-        model = AutoModel.from_pretrained(source, **kwargs)
-    else:
+        return tokenizer, AutoModel.from_pretrained(source, **kwargs)
+    # transformers warns that the classifier head is newly initialised: here that is the point.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     return tokenizer, model
 
 

@@ -89,15 +89,19 @@ def evaluate_accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.
 
 def train(model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoader | None = None, *,
           epochs: int = 1, lr: float = 1e-3, weight_decay: float = 0.0, max_steps: int | None = None,
-          device: torch.device | None = None, seed: int = 0, progress: bool = True,
+          device: torch.device | None = None, seed: int = 0, progress: bool | None = None,
           evaluate=None) -> list[dict]:
     """Train the parameters that require grad with AdamW; evaluate after each epoch.
 
     Returns one dict per epoch: ``epoch``, ``train_loss`` (mean over the epoch), ``steps``,
     ``seconds`` (training time of the epoch) and, with an ``eval_loader``, the metrics that
     ``evaluate(model, eval_loader, device)`` returns as a dict (default: ``{"accuracy": ...}``).
-    The model's forward must return ``.loss`` when given ``labels``.
+    The model's forward must return ``.loss`` when given ``labels``. ``progress`` shows a progress
+    bar per epoch (default: on, unless the environment sets ``PEFT_EDU_PROGRESS=0``, as the book
+    build does); a one-line summary per epoch is printed either way.
     """
+    if progress is None:
+        progress = os.environ.get("PEFT_EDU_PROGRESS", "1") != "0"
     evaluate = evaluate or (lambda m, loader, d: {"accuracy": evaluate_accuracy(m, loader, d)})
     set_seed(seed)
     device = device or pick_device()
@@ -129,6 +133,8 @@ def train(model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoa
         if eval_loader is not None:
             record.update(evaluate(model, eval_loader, device))
         history.append(record)
+        metrics = "".join(f", {k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "train_loss", "steps", "seconds"))
+        print(f"epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f}{metrics} ({record['seconds']:.1f} s)")
         if max_steps is not None and step >= max_steps:
             break
     model.eval()
