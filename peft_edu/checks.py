@@ -12,8 +12,6 @@ to the public test.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -28,13 +26,22 @@ def _fail(message: str):
     raise CheckFailed(message)
 
 
+def _require_callable(obj, name: str, kind: str = "function") -> None:
+    if not callable(obj):
+        _fail(f"{name} is {obj!r}, not a {kind}: define it (run the cell with your code) before running the check.")
+
+
 def _call(fn, *args, what: str):
     try:
-        return fn(*args)
+        result = fn(*args)
     except NotImplementedError:
         _fail(f"{what} is not implemented yet: replace the `raise NotImplementedError` (or `...`) with your code.")
     except Exception as error:  # the learner's code crashed: say where, in their terms
         _fail(f"{what} raised {type(error).__name__}: {error}")
+    if result is None or result is Ellipsis:  # the blank stub (`...`) or a forgotten `return`
+        _fail(f"{what} returned {result!r}: it is not implemented yet (replace the `...` with your code), "
+              "or a `return` is missing.")
+    return result
 
 
 def _close(a, b, atol=1e-5, rtol=1e-4) -> bool:
@@ -44,6 +51,7 @@ def _close(a, b, atol=1e-5, rtol=1e-4) -> bool:
 # --- LoRA chapter ------------------------------------------------------------------------------
 def check_lora_param_count(lora_param_count, seed: int = 0) -> None:
     """``lora_param_count(d_in, d_out, r)`` must be r·(d_in + d_out), for square and non-square layers."""
+    _require_callable(lora_param_count, "lora_param_count")
     g = torch.Generator().manual_seed(seed)
     shapes = [(384, 384, 8), (384, 1536, 4), (576, 192, 16)] + [
         tuple(int(v) for v in torch.randint(2, 2048, (2,), generator=g)) + (int(torch.randint(1, 64, (1,), generator=g)),)
@@ -65,6 +73,7 @@ def check_lora_param_count(lora_param_count, seed: int = 0) -> None:
 
 def check_lora_forward(lora_forward, seed: int = 0) -> None:
     """``lora_forward(x, W0, A, B, alpha, r)`` must be x W0ᵀ + (alpha/r) · x Aᵀ Bᵀ."""
+    _require_callable(lora_forward, "lora_forward")
     g = torch.Generator().manual_seed(seed)
     d_in, d_out, r, alpha = 12, 7, 3, 6.0
     x = torch.randn(2, 5, d_in, generator=g)
@@ -85,6 +94,8 @@ def check_lora_forward(lora_forward, seed: int = 0) -> None:
         _fail("The low-rank update is missing its scaling factor alpha / r.")
     if _close(got, x @ W0.T):
         _fail("Your output equals the frozen layer alone: the update (alpha/r)·B A x is missing.")
+    if _close(got, (alpha / r) * (x @ A.T @ B.T)):
+        _fail("Your output is the low-rank update alone: the frozen layer's term x W0ᵀ is missing.")
     if _close(got, x @ W0.T + (r / alpha) * (x @ A.T @ B.T)):
         _fail("You scaled by r / alpha; LoRA's scaling is alpha / r.")
     _fail("lora_forward(x, W0, A, B, alpha, r) does not equal x W0ᵀ + (alpha/r) · x Aᵀ Bᵀ. "
@@ -93,6 +104,7 @@ def check_lora_forward(lora_forward, seed: int = 0) -> None:
 
 def check_merge_weight(merge_weight, seed: int = 0) -> None:
     """``merge_weight(W0, A, B, alpha, r)`` must return W0 + (alpha/r)·B A, and not modify W0."""
+    _require_callable(merge_weight, "merge_weight")
     g = torch.Generator().manual_seed(seed)
     d_in, d_out, r, alpha = 10, 6, 2, 16.0
     W0 = torch.randn(d_out, d_in, generator=g)
@@ -120,6 +132,7 @@ def check_lora_module(lora_linear_class, seed: int = 0) -> None:
     at initialisation equals the base layer's (B = 0, A random), and with the same A and B the
     output and gradients equal the reference.
     """
+    _require_callable(lora_linear_class, "Your LoRA class", kind="class")
     torch.manual_seed(seed)
     d_in, d_out, r, alpha = 16, 12, 4, 8
     base = nn.Linear(d_in, d_out)
@@ -128,8 +141,13 @@ def check_lora_module(lora_linear_class, seed: int = 0) -> None:
     if not isinstance(layer, nn.Module):
         _fail("Your class should be an nn.Module (class MyLoRALinear(nn.Module): ...).")
     for name in ("A", "B"):
-        if not isinstance(getattr(layer, name, None), nn.Parameter):
-            _fail(f"Store the LoRA factor as `self.{name} = nn.Parameter(...)` so that it trains.")
+        factor = getattr(layer, name, None)
+        if factor is None:
+            _fail(f"Your module has no `self.{name}` yet (is __init__ still the blank `...`?): in __init__, "
+                  f"store the LoRA factor as `self.{name} = nn.Parameter(...)` so that it trains.")
+        if not isinstance(factor, nn.Parameter):
+            _fail(f"`self.{name}` is a {type(factor).__name__}, not an nn.Parameter: store the factor itself as "
+                  f"`self.{name} = nn.Parameter(torch.empty(...))` (a tensor, not an nn.Linear), so that it trains.")
     if tuple(layer.A.shape) != (r, d_in) or tuple(layer.B.shape) != (d_out, r):
         _fail(f"Expected A of shape (r, d_in) = {(r, d_in)} and B of shape (d_out, r) = {(d_out, r)}; "
               f"yours are {tuple(layer.A.shape)} and {tuple(layer.B.shape)}.")
@@ -164,5 +182,6 @@ def check_lora_module(lora_linear_class, seed: int = 0) -> None:
     if layer.A.grad is None or not _close(layer.A.grad, reference.lora_A.weight.grad):
         _fail("The gradient reaching A differs from the reference: is A used in the forward exactly once, "
               "as x @ A.T, without .detach()?")
-    if math.isclose(float(layer.B.grad.abs().sum()), 0.0):
-        _fail("B receives no gradient.")
+    if layer.B.grad is None or not _close(layer.B.grad, reference.lora_B.weight.grad):
+        _fail("The gradient reaching B differs from the reference (or is missing): is B used in the forward "
+              "exactly once, as (x @ A.T) @ B.T, without .detach()?")

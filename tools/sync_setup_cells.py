@@ -58,10 +58,11 @@ def sync(check: bool) -> int:
             print(f"{path.relative_to(ROOT)}: its first code cell must be the set-up cell (starting {MARKER!r})")
             stale.append(path)
             continue
-        if "".join(cell["source"]) != source:
+        if "".join(cell["source"]) != source or cell["metadata"].get("tags") != ["hide-input"]:
             stale.append(path)
             if not check:
                 cell["source"] = source.splitlines(keepends=True)
+                cell["metadata"]["tags"] = ["hide-input"]  # the book shows its output (the device), not the install code
                 path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
                 print(f"updated {path.relative_to(ROOT)}")
     if check and stale:

@@ -1,0 +1,88 @@
+"""The chapter notebooks are well-formed course material: set-up cell, no stale outputs, graded exercises."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+def source(cell):
+    return "".join(cell["source"])
+
+
+def toc_files():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [chapter["file"] for chapter in part["chapters"]]
+    return files
+
+
+def test_there_are_chapters():
+    assert NOTEBOOKS, "notebooks/ has no chapter"
+
+
+def test_setup_cells_match_the_repository_url_in_config():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "sync_setup_cells.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_in_the_book(path):
+    assert f"notebooks/{path.stem}" in toc_files()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_has_no_stored_outputs(path):
+    """The book executes every notebook; stored outputs would be stale numbers nobody reran."""
+    stale = [i for i, c in enumerate(cells(path)) if c["cell_type"] == "code" and (c["outputs"] or c["execution_count"])]
+    assert not stale, f"cells {stale} of {path.name} have outputs: clear them (Kernel → Restart & Clear Output)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_an_otter_master_with_graded_questions(path):
+    cs = cells(path)
+    raws = [(i, source(c)) for i, c in enumerate(cs) if c["cell_type"] == "raw"]
+    assert any(s.startswith("# ASSIGNMENT CONFIG") for _, s in raws)
+    config = yaml.safe_load(next(s for _, s in raws if s.startswith("# ASSIGNMENT CONFIG")).split("\n", 1)[1])
+    assert config["tests"]["ok_format"] is False  # exception-based tests: the checks' messages reach the learner
+    starts = [i for i, s in raws if s.startswith("# BEGIN QUESTION")]
+    ends = [i for i, s in raws if s.startswith("# END QUESTION")]
+    assert len(starts) >= 3 and len(starts) == len(ends)
+    names = []
+    for start, end in zip(starts, ends):
+        question = yaml.safe_load(source(cs[start]).split("\n", 1)[1])
+        names.append(question["name"])
+        assert question["points"] > 0
+        inside = cs[start + 1:end]
+        solutions = [c for c in inside if c["cell_type"] == "code" and "SOLUTION" in source(c)]
+        tests = [c for c in inside if c["cell_type"] == "code" and re.search(r"^def test_", source(c), re.M)]
+        hidden = [c for c in tests if source(c).startswith("# HIDDEN")]
+        assert solutions, f"question {question['name']} has no solution cell"
+        assert all(c["metadata"].get("tags") == ["hide-input"] for c in solutions), "solutions are folded in the book"
+        assert len(tests) >= 2 and hidden, f"question {question['name']} needs a public and a hidden test"
+        assert all("remove-cell" in c["metadata"].get("tags", []) for c in tests), "tests never show in the book"
+        assert all("peft_edu.checks" in source(c) for c in tests), "tests call the checks in peft_edu.checks"
+        assert any(c["cell_type"] == "markdown" for c in inside), f"question {question['name']} has no prompt"
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_cites_papers_by_arxiv_id(path):
+    text = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "markdown")
+    assert "## References" in text
+    assert re.search(r"arXiv \[\d{4}\.\d{5}\]", text)

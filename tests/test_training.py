@@ -1,0 +1,106 @@
+"""The shared training loop: it trains what requires grad (and nothing else), deterministically."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import datasets
+import pytest
+import torch
+from conftest import tiny_bert_config
+from transformers import BertForSequenceClassification, BertTokenizerFast
+
+import peft_edu
+from peft_edu.training import classification_loaders, evaluate_accuracy, full_run, train
+
+
+def tiny_task(n=64, seed=0):
+    """Token 5 in the sequence means class 1, token 6 class 0: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids = torch.randint(10, 90, (n, 8), generator=g)
+    ids[:, 3] = torch.where(labels == 1, 5, 6)
+    rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": l} for i, l in zip(ids, labels)]
+    return torch.utils.data.DataLoader(rows, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    config = tiny_bert_config()
+    config.num_labels = 2
+    return BertForSequenceClassification(config)
+
+
+def test_lora_training_learns_and_leaves_frozen_weights_alone():
+    model = peft_edu.get_peft_model(tiny_model(), peft_edu.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"]))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    loader = tiny_task()
+    before = evaluate_accuracy(model, loader, torch.device("cpu"))
+    history = train(model, loader, loader, epochs=20, lr=2e-2, device=torch.device("cpu"), progress=False)
+    assert [h["epoch"] for h in history] == list(range(1, 21))
+    assert set(history[0]) >= {"epoch", "train_loss", "steps", "seconds", "accuracy"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["accuracy"] > max(before, 0.8)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_training_is_seeded():
+    runs = []
+    for _ in range(2):
+        model = peft_edu.get_peft_model(tiny_model(), peft_edu.LoraConfig(r=2, lora_dropout=0.1, target_modules=["query"]))
+        history = train(model, tiny_task(), epochs=2, lr=1e-2, device=torch.device("cpu"), progress=False, seed=3)
+        runs.append(([h["train_loss"] for h in history], copy.deepcopy(peft_edu.model.adapter_state_dict(model))))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_max_steps_stops_early():
+    model = tiny_model()
+    history = train(model, tiny_task(), epochs=5, max_steps=3, lr=1e-4, device=torch.device("cpu"), progress=False)
+    assert sum(h["steps"] for h in history) == 3
+
+
+def test_nothing_to_train_is_an_error():
+    model = tiny_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="No parameter requires grad"):
+        train(model, tiny_task(), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False)])
+def test_full_run_switch(monkeypatch, value, expected):
+    monkeypatch.setenv("PEFT_EDU_FULL_RUN", value)
+    assert full_run() is expected
+
+
+def test_full_run_switch_rejects_typos(monkeypatch):
+    monkeypatch.setenv("PEFT_EDU_FULL_RUN", "yes please")
+    with pytest.raises(ValueError, match="PEFT_EDU_FULL_RUN"):
+        full_run()
+
+
+def test_classification_loaders_tokenise_pad_and_limit():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film"]
+    tokenizer = _tiny_tokenizer(vocab)
+    data = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["good film", "bad", "good", "bad film film"], "label": [1, 0, 1, 0]}),
+        "validation": datasets.Dataset.from_dict({"text": ["good film"], "label": [1]}),
+    })
+    loaders = classification_loaders(tokenizer, data, batch_size=8, limit={"train": 3})
+    batch = next(iter(loaders["validation"]))
+    assert batch["labels"].tolist() == [1]
+    assert len(loaders["train"].dataset) == 3
+    train_batch = next(iter(loaders["train"]))
+    assert train_batch["input_ids"].shape[0] == 3
+    assert train_batch["input_ids"].shape == train_batch["attention_mask"].shape
+    assert (train_batch["attention_mask"] == 0).any()  # padded to the longest sentence in the batch
+
+
+def _tiny_tokenizer(vocab):
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    return BertTokenizerFast(path)
