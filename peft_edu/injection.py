@@ -1,19 +1,23 @@
 """How a method gets into a pretrained model: find the target modules, wrap each one.
 
-Every method of the course changes a model in one of three places, and all three are done the
-same way here: the module at that place is replaced by a wrapper that holds the original module
-(frozen, as ``base_layer``) and adds the method's few trainable parameters around it.
+Every method of the course changes a model in one of three places, and each is reached the same
+way: ``find_targets`` names the modules, ``wrap_targets`` replaces each one by an ``AdapterLayer``
+that holds the original module (frozen, as ``base_layer``) and adds the method's few trainable
+parameters around it.
 
 * replacing a linear layer:        LoRA, DoRA and IA³ wrap ``nn.Linear`` (the weight is untouched);
 * wrapping a sublayer's output:    bottleneck adapters wrap the attention / FFN output sublayer;
-* extending attention or inputs:   prefix tuning, P-tuning v2 and prompt tuning add virtual keys,
-                                   values or token embeddings in front of the real ones.
+* extending attention or inputs:   prefix tuning, P-tuning v2 and prompt tuning wrap the attention
+                                   layers or the input embedding and put virtual keys, values or
+                                   tokens in front of the real ones (their attention masks and
+                                   positions are extended to match).
 
-Because the wrapper holds the original, the adapter can always be taken out again and the frozen
-weights are never modified (merging, see ``AdapterLayer.merge``, is the one exception and is undone
-exactly by ``unmerge``). Names follow PEFT: ``query`` becomes ``query.base_layer`` + ``query.lora_A`` ...,
-which is also why PEFT's adapter files map one to one onto our parameters.
-"""
+Because the wrapper holds the original, the adapter can always be taken out again (``unload``) and
+the frozen weights are never modified (merging, see ``AdapterLayer.merge``, is the one exception and
+is undone exactly by ``unmerge``). Names follow PEFT: ``query`` becomes ``query.base_layer`` +
+``query.lora_A`` ..., which is also why PEFT's adapter files map one to one onto our parameters.
+So far the course implements the first kind (LoRA); the other methods plug into the same functions.
+""""""
 
 from __future__ import annotations
 
