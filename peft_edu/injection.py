@@ -16,8 +16,8 @@ Because the wrapper holds the original, the adapter can always be taken out agai
 the frozen weights are never modified (merging, see ``AdapterLayer.merge``, is the one exception and
 is undone exactly by ``unmerge``). Names follow PEFT: ``query`` becomes ``query.base_layer`` +
 ``query.lora_A`` ..., which is also why PEFT's adapter files map one to one onto our parameters.
-So far the course implements the first kind (LoRA); the other methods plug into the same functions.
-""""""
+So far the course implements the first kind (LoRA and DoRA); the other methods plug into the same functions.
+"""
 
 from __future__ import annotations
 
