@@ -16,7 +16,7 @@ export PYTHONHASHSEED = 0
 # Progress bars are for people at a notebook; the book and CI logs get one summary line per epoch.
 export PEFT_EDU_PROGRESS = 0
 
-.PHONY: setup assets book test unit notebooks book-strict clean
+.PHONY: setup assets book test unit notebooks book-strict assignments clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ notebooks: setup
 
 book-strict: setup
 	$(BIN)/jupyter-book build . -W -n --keep-going
+
+# For instructors: a student notebook and an otter autograder zip per chapter, in _build/assignments.
+assignments: setup
+	$(BIN)/python tools/assignments.py
 
 clean:
 	rm -rf _build

@@ -63,7 +63,7 @@ def sync(check: bool) -> int:
             if not check:
                 cell["source"] = source.splitlines(keepends=True)
                 cell["metadata"]["tags"] = ["hide-input"]  # the book shows its output (the device), not the install code
-                path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+                path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")  # nbformat's layout
                 print(f"updated {path.relative_to(ROOT)}")
     if check and stale:
         print("Out of date: " + ", ".join(str(p.relative_to(ROOT)) for p in stale)
