@@ -86,3 +86,17 @@ def test_notebook_cites_papers_by_arxiv_id(path):
     text = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "markdown")
     assert "## References" in text
     assert re.search(r"arXiv \[\d{4}\.\d{5}\]", text)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_grading_runs_only_the_setup_and_the_exercises(path):
+    """Experiments are tagged otter_ignore: a submission grades in seconds and its score never depends on them."""
+    inside, untagged = False, []
+    for i, c in enumerate(cells(path)):
+        text = source(c)
+        if c["cell_type"] == "raw":
+            inside = {"# BEGIN QUESTION": True, "# END QUESTION": False}.get(text.split("\n")[0], inside)
+        elif c["cell_type"] == "code" and not inside and not text.startswith("# Set-up (the same in every chapter)"):
+            if "otter_ignore" not in c["metadata"].get("tags", []):
+                untagged.append(i)
+    assert not untagged, f"cells {untagged} of {path.name} run during grading: tag them otter_ignore"
