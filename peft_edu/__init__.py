@@ -7,7 +7,9 @@
     peft_edu.save_adapter(model, "my-adapter")        # loads with peft.PeftModel.from_pretrained too
 """
 
-from .config import LoraConfig, PeftConfig
+from .config import IA3Config, LoraConfig, PeftConfig
+from .dora import DoraLinear
+from .ia3 import IA3Linear
 from .lora import LoraLinear
 from .model import (
     count_parameters,
@@ -21,6 +23,6 @@ from .model import (
 )
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "LoraLinear", "count_parameters", "get_peft_model", "load_adapter", "merge",
-    "print_trainable_parameters", "save_adapter", "unload", "unmerge",
+    "LoraConfig", "PeftConfig", "LoraLinear", "DoraLinear", "count_parameters", "get_peft_model", "load_adapter", "merge",
+    "print_trainable_parameters", "save_adapter", "unload", "unmerge", "IA3Config", "IA3Linear",
 ]

@@ -102,15 +102,64 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be a probability in [0, 1); 0 turns dropout off.")
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r}: peft_edu implements only bias='none' (biases stay frozen).")
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True: DoRA is not implemented yet in peft_edu.")
         if self.target_modules is None:
             raise ValueError(
                 'LoraConfig needs target_modules, e.g. ["query", "value"] for BERT or ["q_proj", "v_proj"] for Llama.'
             )
 
 
-CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig}
+@dataclass
+class IA3Config(PeftConfig):
+    """(IA)³ (arXiv 2205.05638): vectors, initialised to ones, rescale activations; see ``peft_edu.ia3``.
+
+    target_modules: the nn.Linear layers that get a vector. None takes PEFT's defaults for the model's
+        ``config.model_type`` (BERT: key, value, output.dense; Llama: k_proj, v_proj, down_proj).
+    feedforward_modules: the targets whose *input* is scaled, h = W (l ⊙ x) + b; the other targets
+        scale their output, h = l ⊙ (W x + b). A list must be a subset of target_modules (PEFT's
+        rule) and an entry selects each targeted module whose name ends with it; a string is a
+        regex matched against the whole name. None takes PEFT's defaults for the model type; []: none.
+    init_ia3_weights: True starts from ones (the base model exactly); False keeps N(0, 1) as PEFT does.
+    fan_in_fan_out: only False (nn.Linear); PEFT uses True for GPT-2's Conv1D, which peft_edu does not adapt.
+    """
+
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    peft_type = "IA3"
+
+    def __post_init__(self):
+        super().__post_init__()
+        ff = self.feedforward_modules
+        if isinstance(ff, (list, tuple, set)):
+            self.feedforward_modules = ff = list(ff)
+            if not all(isinstance(f, str) and f for f in ff):
+                raise ValueError(f"feedforward_modules={ff!r}: give a list of module names "
+                                 '(e.g. ["output.dense"] or ["down_proj"]), [] for none, or one regular expression.')
+        elif ff is not None and not isinstance(ff, str):
+            raise TypeError(f"feedforward_modules must be a list of names or a regex string, not {type(ff).__name__}.")
+        if self.fan_in_fan_out is not False:
+            raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r}: only False (nn.Linear stores W as (out, in)); "
+                             "True is for GPT-2-style Conv1D layers, which peft_edu does not adapt.")
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ValueError(f"init_ia3_weights={self.init_ia3_weights!r}: must be True (ones) or False (random).")
+        # PEFT's rule, checked when both are lists: a feed-forward module must also be a target.
+        if isinstance(ff, list) and isinstance(self.target_modules, list):
+            extra = [f for f in ff if f not in self.target_modules]
+            if False:
+                raise ValueError(
+                    f"feedforward_modules entries {extra} are not in target_modules {self.target_modules}: "
+                    f"feedforward_modules must be a subset of target_modules (PEFT's rule); add {extra} to target_modules."
+                )
+
+    def to_peft_dict(self) -> dict:
+        d = super().to_peft_dict()
+        if isinstance(d["feedforward_modules"], list):
+            d["feedforward_modules"] = sorted(d["feedforward_modules"])
+        return d
+
+
+CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "IA3": IA3Config}
 
 # Keys PEFT writes into adapter_config.json that change nothing once the weights are loaded:
 # bookkeeping, how fresh weights would be initialised, and settings of options that are off.

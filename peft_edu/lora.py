@@ -68,6 +68,10 @@ class LoraLinear(AdapterLayer):
 
 
 def inject_lora(model: nn.Module, config: LoraConfig) -> None:
-    """Wrap every ``nn.Linear`` that ``config.target_modules`` selects in a ``LoraLinear``."""
-    wrap_targets(model, find_targets(model, config.target_modules), lambda base: LoraLinear(
+    """Wrap every ``nn.Linear`` that ``config.target_modules`` selects in a ``LoraLinear``
+    (a ``DoraLinear`` with ``config.use_dora``)."""
+    from .dora import DoraLinear  # here, not at the top: dora.py builds on this module
+
+    layer_class = DoraLinear if config.use_dora else LoraLinear
+    wrap_targets(model, find_targets(model, config.target_modules), lambda base: layer_class(
         base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora))

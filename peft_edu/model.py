@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CLASSIFIER_HEAD_NAMES, LoraConfig, PeftConfig, load_config
+from .config import CLASSIFIER_HEAD_NAMES, IA3Config, LoraConfig, PeftConfig, load_config
 from .injection import AdapterLayer, TrainedCopy, adapter_layers, matches, replace_module, train_copies_of
+from .ia3 import inject_ia3
 from .lora import inject_lora
 
 # One injector per method: each wraps the modules its method adapts (see injection.py).
-INJECTORS = {"LORA": inject_lora}
+INJECTORS = {"LORA": inject_lora, "IA3": inject_ia3}
 
 PEFT_KEY_PREFIX = "base_model.model."
 
@@ -191,11 +192,14 @@ def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftCon
             lines.append(f"  {len(unexpected)} tensors in the file have no place in the model, e.g. {unexpected[:3]}")
         lines.append("Was the adapter trained on another base model?")
         raise ValueError("\n".join(lines))
+    owners = sorted((n for n, m in model.named_modules() if isinstance(m, (AdapterLayer, TrainedCopy))), key=len)
     for key, target in expected.items():
         if given[key].shape != target.shape:
-            module = key.rsplit(".", 2)[0]
+            # "X.query" + "lora_A.weight" -> lora_A; "X.query" + "lora_magnitude_vector" (no .weight, as PEFT)
+            module = next(n for n in reversed(owners) if key.startswith(n + "."))
+            tensor = key.removeprefix(module + ".").removesuffix(".weight")
             raise ValueError(
-                f"Shape mismatch at {module}: the file has {key.rsplit('.', 2)[1]} of shape {tuple(given[key].shape)}, "
+                f"Shape mismatch at {module}: the file has {tensor} of shape {tuple(given[key].shape)}, "
                 f"the model expects {tuple(target.shape)}. The adapter was trained on another base model "
                 f"or with other settings (here {_settings(config)})."
             )
@@ -206,5 +210,7 @@ def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftCon
 
 def _settings(config: PeftConfig) -> str:
     if isinstance(config, LoraConfig):
-        return f"r={config.r}"
+        return f"r={config.r}" + (", use_dora=True" if config.use_dora else "")
+    if isinstance(config, IA3Config):
+        return f"feedforward_modules={config.feedforward_modules!r}"
     return type(config).__name__
