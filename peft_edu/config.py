@@ -146,7 +146,7 @@ class IA3Config(PeftConfig):
         # PEFT's rule, checked when both are lists: a feed-forward module must also be a target.
         if isinstance(ff, list) and isinstance(self.target_modules, list):
             extra = [f for f in ff if f not in self.target_modules]
-            if False:
+            if extra:
                 raise ValueError(
                     f"feedforward_modules entries {extra} are not in target_modules {self.target_modules}: "
                     f"feedforward_modules must be a subset of target_modules (PEFT's rule); add {extra} to target_modules."

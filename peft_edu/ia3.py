@@ -1,0 +1,211 @@
+r"""(IA)³: rescale inner activations with learned vectors (Liu et al., arXiv 2205.05638, "T-Few").
+
+"Infused Adapter by Inhibiting and Amplifying Inner Activations" adds no layer and no matrix: each
+adapted ``nn.Linear`` (h = W x + b, W ∈ ℝ^{d_out×d_in}) gets one vector l, initialised to ones, that
+multiplies an activation element-wise. Where it multiplies depends on the layer's role:
+
+* attention keys and values (and any target not listed in ``feedforward_modules``) scale the output:
+
+      h = l ⊙ (W x + b),        l ∈ ℝ^{d_out}, stored with shape (d_out, 1)
+
+* feed-forward layers (``feedforward_modules``: BERT ``output.dense``, Llama ``down_proj``) scale the
+  input, which for the FFN's second projection is the FFN's inner activation:
+
+      h = W (l ⊙ x) + b,        l ∈ ℝ^{d_in}, stored with shape (1, d_in)
+
+  (the bias is not scaled here). In the paper: l_k, l_v rescale keys and values inside attention,
+  l_ff rescales γ(W₁x) before W₂.
+
+* Trainable parameters: d_out per attention layer, d_in per feed-forward layer, e.g. 2 × 384 +
+  1536 = 2,304 per MiniLM layer with BERT's defaults (0.01% of the model, the paper's order of magnitude).
+* Initialisation: l = 1, so the adapted model *is* the base model, bit for bit (× 1.0 is exact).
+  ``init_ia3_weights=False`` keeps PEFT's N(0, 1) draw instead (PEFT always draws it, then
+  overwrites it with ones; we draw too, so the random stream stays in step with PEFT's).
+* Merging folds l into the weight, as PEFT does: output scaling multiplies the rows of W *and the
+  bias* (W ← diag(l) W, b ← l ⊙ b); input scaling multiplies the columns of W (W ← W diag(l)) and
+  leaves b alone. Unmerging divides by (l + 1e-8) exactly like PEFT, so it is exact only up to
+  rounding and cannot bring back a row or column whose l was 0 (PEFT warns "Unmerge result can be
+  inaccurate for (IA)^3").
+
+Which targets count as feed-forward follows PEFT's rule, which differs from the target rule: a list
+entry selects every *targeted* module whose full name ends with it (no dot boundary needed); a string
+is a regex that must match the whole name. Note that PEFT's BERT default ``output.dense`` selects
+both ``layer.N.output.dense`` (the FFN's down projection, input = GELU activation, 4·d wide) and
+``layer.N.attention.output.dense`` (input = the attention context). The latter is redundant with the
+value vector: attention mixes positions, not features, so scaling feature j of the context equals
+scaling feature j of every value vector.
+
+``target_modules=None`` and ``feedforward_modules=None`` take PEFT's defaults for the model's
+``config.model_type`` (``DEFAULT_TARGET_MODULES`` below, copied from PEFT's ``utils/constants.py`` for
+the architectures with ``nn.Linear`` layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import nn
+
+from .config import IA3Config
+from .injection import AdapterLayer, find_targets, replace_module
+
+# PEFT's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, for model types whose
+# targets are nn.Linear (GPT-2-style Conv1D models are left out: peft_edu adapts nn.Linear only).
+DEFAULT_TARGET_MODULES = {
+    "bert": ["key", "value", "output.dense"],
+    "roberta": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "t5": ["k", "v", "wo"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+}
+DEFAULT_FEEDFORWARD_MODULES = {
+    "bert": ["output.dense"],
+    "roberta": ["output.dense"],
+    "deberta-v2": ["output.dense"],
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "t5": ["wo"],
+    "bart": ["fc2"],
+    "opt": ["fc2"],
+    "phi": ["fc2"],
+}
+
+_USUAL = ("usually the attention key and value projections plus the FFN's second projection, e.g. BERT: "
+          "target_modules=['key', 'value', 'output.dense'], feedforward_modules=['output.dense']; Llama: "
+          "target_modules=['k_proj', 'v_proj', 'down_proj'], feedforward_modules=['down_proj']")
+
+
+class IA3Linear(AdapterLayer):
+    """``nn.Linear`` times a learned vector: ``base_layer(x) * l`` or, feed-forward, ``base_layer(x * l)``.
+
+    The vector is the parameter ``ia3_l`` (PEFT's file key ``<module>.ia3_l``), shape ``(d_out, 1)``
+    or, with ``is_feedforward``, ``(1, d_in)`` — PEFT's shapes, so files map one to one.
+    """
+
+    def __init__(self, base_layer: nn.Linear, is_feedforward: bool, init_ia3_weights: bool = True):
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"IA3Linear wraps an nn.Linear, not a {type(base_layer).__name__}.")
+        super().__init__(base_layer)
+        d_out, d_in = base_layer.weight.shape
+        self.is_feedforward = is_feedforward
+        shape = (1, d_in) if is_feedforward else (d_out, 1)
+        vector = torch.randn(shape)  # drawn even when overwritten, as PEFT does (same random stream)
+        if init_ia3_weights:
+            vector = torch.ones(shape)
+        self.ia3_l = nn.Parameter(vector.to(device=base_layer.weight.device, dtype=base_layer.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:  # l already lives inside base_layer.weight (and bias)
+            return self.base_layer(x)
+        scale = self.ia3_l.flatten()
+        if self.is_feedforward:  # h = W (l ⊙ x) + b
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
+        result = self.base_layer(x)  # h = l ⊙ (W x + b)
+        return (result * scale).to(result.dtype)
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight.copy_(torch.mul(weight, self.ia3_l))  # (d_out, 1) scales rows, (1, d_in) scales columns
+        if not self.is_feedforward and bias is not None:
+            bias.copy_(torch.mul(bias, self.ia3_l.reshape(bias.shape)))
+
+    @torch.no_grad()
+    def unmerge_from_base(self) -> None:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight.copy_(torch.div(weight, self.ia3_l + 1e-8))  # PEFT's guard against l = 0
+        if not self.is_feedforward and bias is not None:
+            bias.copy_(torch.div(bias, self.ia3_l.reshape(bias.shape) + 1e-8))
+
+    def extra_repr(self) -> str:
+        side = "input (feed-forward)" if self.is_feedforward else "output"
+        return f"scales={side}, shape={tuple(self.ia3_l.shape)}, merged={self.merged}"
+
+
+def is_feedforward(feedforward_modules: list[str] | str, name: str) -> bool:
+    """PEFT's feed-forward rule: a regex must match the whole name, a list entry only its end."""
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, name) is not None
+    return any(name.endswith(entry) for entry in feedforward_modules)
+
+
+def resolve_config(model: nn.Module, config: IA3Config) -> tuple[IA3Config, list[str]]:
+    """Fill PEFT's per-architecture defaults into ``config`` (a copy) and check it against ``model``.
+
+    Returns the resolved config and the names of the target modules. Unlike PEFT, the user's config
+    object is not changed, and every feed-forward entry must select one of the targeted modules.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets, feedforward = config.target_modules, config.feedforward_modules
+    if targets is None:
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"IA3Config(target_modules=None) takes PEFT's defaults for the model's config.model_type, but "
+                f"{type(model).__name__} has model_type={model_type!r}, which has none "
+                f"(known: {sorted(DEFAULT_TARGET_MODULES)}). Name the layers to rescale, {_USUAL}."
+            )
+        targets = list(DEFAULT_TARGET_MODULES[model_type])
+    names = find_targets(model, targets)  # strict: every entry matches, only nn.Linear
+    if feedforward is None:
+        if model_type not in DEFAULT_FEEDFORWARD_MODULES:
+            raise ValueError(
+                f"IA3Config(feedforward_modules=None) takes PEFT's defaults for the model's config.model_type, but "
+                f"{type(model).__name__} has model_type={model_type!r}, which has none. Say which targets are "
+                f"feed-forward (their input is scaled), e.g. feedforward_modules=['down_proj'], or pass "
+                f"feedforward_modules=[] if none is."
+            )
+        defaults = DEFAULT_FEEDFORWARD_MODULES[model_type]
+        # Keep the defaults that select one of the targets; the others change nothing.
+        feedforward = [entry for entry in defaults if any(is_feedforward([entry], n) for n in names)]
+        if isinstance(targets, list) and not set(feedforward) <= set(targets):
+            selected = [n for n in names if is_feedforward(feedforward, n)]
+            raise ValueError(
+                f"target_modules={targets!r} with PEFT's default feedforward_modules for {model_type} "
+                f"({defaults!r}) would treat {selected[:3]} as feed-forward although {feedforward!r} is not a "
+                f"target_modules entry; PEFT does this silently and then cannot load its own adapter_config.json "
+                f"(feedforward_modules must be a subset of target_modules). Pass feedforward_modules explicitly: "
+                f"add {feedforward!r} to target_modules and feedforward_modules, or feedforward_modules=[]."
+            )
+    elif isinstance(feedforward, str):
+        if not any(is_feedforward(feedforward, n) for n in names):
+            raise ValueError(
+                f"feedforward_modules={feedforward!r} matches none of the targeted modules (a regex must match the "
+                f"whole name), e.g. {names[:3]}."
+            )
+    else:
+        unmatched = [entry for entry in feedforward if not any(is_feedforward([entry], n) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"feedforward_modules entry {unmatched[0]!r} matches none of the targeted modules, whose names "
+                f"look like {names[:3]}. A feed-forward module must also be a target."
+            )
+    resolved = dataclasses.replace(config, target_modules=targets, feedforward_modules=feedforward)
+    return resolved, names
+
+
+def inject_ia3(model: nn.Module, config: IA3Config) -> None:
+    """Wrap every ``nn.Linear`` that ``config.target_modules`` selects in an ``IA3Linear``.
+
+    The resolved config (PEFT's defaults filled in) replaces ``model.peft_edu_config``, so that
+    ``save_adapter`` writes the lists that were used, as PEFT's ``adapter_config.json`` does.
+    """
+    resolved, names = resolve_config(model, config)
+    model.peft_edu_config = resolved
+    for name in names:  # in model order, as PEFT: with init_ia3_weights=False both draw the same vectors
+        base = model.get_submodule(name)
+        replace_module(model, name, IA3Linear(base, is_feedforward=is_feedforward(resolved.feedforward_modules, name),
+                                              init_ia3_weights=resolved.init_ia3_weights))
