@@ -16,11 +16,14 @@ export PYTHONHASHSEED = 0
 # Progress bars are for people at a notebook; the book and CI logs get one summary line per epoch.
 export PEFT_EDU_PROGRESS = 0
 
-.PHONY: setup assets book test unit notebooks book-strict assignments clean
+.PHONY: setup assets book test unit notebooks book-strict assignments grade clean
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-colab.txt pyproject.toml peft_edu/assets.py
+	@# bubblewrap is the sandbox `make grade` runs submissions in (Debian package; needs root to install)
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
+	  || echo "NOTE: install bubblewrap (apt-get install bubblewrap) for make grade and its tests"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
@@ -48,6 +51,12 @@ book-strict: setup
 # For instructors: a student notebook and an otter autograder zip per chapter, in _build/assignments.
 assignments: setup
 	$(BIN)/python tools/assignments.py
+
+# For instructors: grade every .ipynb under SUBMISSIONS for CHAPTER, each in a sandbox.
+#   make grade CHAPTER=lora SUBMISSIONS=path/to/folder   ->  grading/lora/gradebook.csv, grading/lora/feedback/
+grade: setup
+	@test -n "$(CHAPTER)" -a -n "$(SUBMISSIONS)" || { echo "usage: make grade CHAPTER=lora SUBMISSIONS=folder"; exit 2; }
+	$(BIN)/python -m peft_edu.grading notebooks/$(CHAPTER).ipynb "$(SUBMISSIONS)" --out grading/$(CHAPTER)
 
 clean:
 	rm -rf _build

@@ -20,8 +20,8 @@ CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("assignments")
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "assignments.py"), "--out", str(out)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "assignments.py"), "--out", str(out),
+                             "--exercises", str(out / "exercises")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
@@ -81,3 +81,17 @@ def test_lora_wrong_answers_lose_their_points(built, tmp_path):
     nbformat.write(student, submission)
     scores = otter_grade(built / "lora" / "lora-autograder.zip", submission, tmp_path / "graded")
     assert scores == {"q1": 1.0, "q2": 0, "q3": 1.0, "q4": 0}
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_committed_self_study_version_is_up_to_date(built, chapter):
+    """exercises/<chapter>.ipynb (what the chapter's Colab link opens) is what tools/assignments.py makes now."""
+    fresh = nbformat.read(built / "exercises" / f"{chapter}.ipynb", as_version=4)
+    committed = nbformat.read(ROOT / "exercises" / f"{chapter}.ipynb", as_version=4)
+    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in fresh.cells], \
+        "run `make assignments` (or python tools/assignments.py) and commit exercises/"
+    text = "\n".join(c.source for c in fresh.cells)
+    assert "grader." not in text and "# HIDDEN" not in text and "# SOLUTION" not in text
+    assert text.count("# Check your answer (run me)") == len(
+        [c for c in nbformat.read(ROOT / "notebooks" / f"{chapter}.ipynb", as_version=4).cells
+         if c.cell_type == "raw" and c.source.startswith("# BEGIN QUESTION")])

@@ -8,6 +8,10 @@ For each chapter notebook (an otter-grader master notebook) this runs ``otter as
     <out>/<chapter>/autograder/<chapter>.ipynb    the solutions, with every test
     <out>/<chapter>/<chapter>-autograder.zip      upload to Gradescope, or grade locally with otter run
 
+and refreshes ``exercises/<chapter>.ipynb``, the self-study student version that each chapter page
+links to for Colab: the student notebook with each ``grader.check`` replaced by the public check
+itself, so it needs no otter set-up (the hidden tests stay out).
+
 ``otter assign`` grades the solutions with every test and fails if one does not pass (unless
 ``--no-run-tests``). Grading runs only the set-up cell and the exercises: the chapter's experiments
 are tagged ``otter_ignore``, so a submission grades in seconds, not minutes.
@@ -19,6 +23,7 @@ The autograder's ``requirements.txt`` installs peft_edu from the repository name
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import nbformat
 import yaml
+from sync_setup_cells import LINK_MARKER  # this folder is on sys.path when the script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_MARKER = "# ASSIGNMENT CONFIG"
@@ -64,11 +70,43 @@ def build(chapter: Path, out: Path, run_tests: bool) -> Path:
     return target
 
 
+def publish_exercises(chapter: Path, student_notebook: Path, exercises_dir: Path) -> Path:
+    """Write the self-study version: otter's student notebook, with the public checks inline."""
+    master = nbformat.read(chapter, as_version=4)
+    public_tests, question = {}, None
+    for cell in master.cells:
+        if cell.cell_type == "raw" and cell.source.startswith("# BEGIN QUESTION"):
+            question = yaml.safe_load(cell.source.split("\n", 1)[1])["name"]
+        elif cell.cell_type == "code" and question and cell.source.startswith("def test_") and question not in public_tests:
+            public_tests[question] = cell.source
+    student = nbformat.read(student_notebook, as_version=4)
+    cells = []
+    for cell in student.cells:
+        if cell.cell_type == "code" and cell.source.startswith("# Initialize Otter"):
+            continue
+        if cell.cell_type == "markdown" and cell.source.startswith(LINK_MARKER):
+            continue  # the link to this very notebook
+        check = re.fullmatch(r'grader\.check\("(\w+)"\)', cell.source.strip()) if cell.cell_type == "code" else None
+        if check:
+            cell = nbformat.v4.new_code_cell("# Check your answer (run me)\n" + public_tests[check.group(1)])
+            cell.id = f"check-{check.group(1)}"  # stable, so that rebuilding changes nothing
+        if "otter_answer_cell" in cell.metadata.get("tags", []):
+            cell.metadata["tags"] = ["otter_answer_cell"]  # the book folds solutions; a learner's answer stays open
+        cells.append(cell)
+    student.cells = cells
+    student.metadata.pop("otter", None)
+    exercises_dir.mkdir(exist_ok=True)
+    target = exercises_dir / chapter.name
+    nbformat.write(student, target)
+    return target
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("chapters", nargs="*", help="chapter names (default: every notebook in notebooks/)")
     parser.add_argument("--out", type=Path, default=ROOT / "_build" / "assignments")
     parser.add_argument("--no-run-tests", action="store_true", help="skip grading the solutions with every test")
+    parser.add_argument("--exercises", type=Path, default=ROOT / "exercises", help="where the self-study versions go")
     args = parser.parse_args(argv)
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     if args.chapters:
@@ -79,8 +117,9 @@ def main(argv: list[str]) -> int:
         notebooks = [known[c] for c in args.chapters]
     for chapter in notebooks:
         target = build(chapter, args.out, run_tests=not args.no_run_tests)
+        exercises = publish_exercises(chapter, target / "student" / chapter.name, args.exercises)
         print(f"{chapter.stem}: student notebook {target / 'student' / chapter.name}, "
-              f"autograder {target / (chapter.stem + '-autograder.zip')}")
+              f"autograder {target / (chapter.stem + '-autograder.zip')}, self-study version {exercises}")
     return 0
 
 

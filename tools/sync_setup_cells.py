@@ -1,19 +1,21 @@
-"""Write the same set-up cell at the top of every chapter notebook.
+"""Write the same set-up cell, and a link to the chapter's exercises, at the top of every chapter.
 
-The cell installs the course on Colab (and does nothing elsewhere), so it needs the repository
-URL; that URL lives in one place, `_config.yml` (`repository.url`), and this script copies it in.
+The set-up cell installs the course on Colab (and does nothing elsewhere), so it needs the
+repository URL; the link opens the chapter's self-study version (``exercises/``, made by
+``tools/assignments.py``) on Colab. That URL lives in one place, `_config.yml` (`repository`), and
+this script copies it in. The link is the markdown cell just before the set-up cell.
 
     python tools/sync_setup_cells.py          # rewrite the cells
-    python tools/sync_setup_cells.py --check  # exit 1 if a notebook's cell is out of date (tests run this)
+    python tools/sync_setup_cells.py --check  # exit 1 if a notebook's cells are out of date (tests run this)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+import nbformat
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +42,23 @@ FULL_RUN = full_run()  # long training on a GPU, short demo runs on a CPU (PEFT_
 print(f"device: {{device}}, full run: {{FULL_RUN}}")'''
 
 
+LINK_MARKER = "> **Doing the exercises?**"
+LINK_TEMPLATE = (LINK_MARKER + " Open the [student version of this chapter on Colab]({colab}): the same notebook "
+                 "with the solutions taken out and a check after each exercise.")
+
+
+def repository() -> dict:
+    return yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+
+
 def setup_cell_source() -> str:
-    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
-    return TEMPLATE.format(marker=MARKER, url=url)
+    return TEMPLATE.format(marker=MARKER, url=repository()["url"])
+
+
+def link_cell_source(chapter: str) -> str:
+    repo = repository()
+    path = repo["url"].removeprefix("https://github.com/")
+    return LINK_TEMPLATE.format(colab=f"https://colab.research.google.com/github/{path}/blob/{repo['branch']}/exercises/{chapter}.ipynb")
 
 
 def notebooks() -> list[Path]:
@@ -50,21 +66,30 @@ def notebooks() -> list[Path]:
 
 
 def sync(check: bool) -> int:
-    source, stale = setup_cell_source(), []
+    stale = []
     for path in notebooks():
-        nb = json.loads(path.read_text())
-        cell = next((c for c in nb["cells"] if c["cell_type"] == "code"), None)
-        if cell is None or not "".join(cell["source"]).startswith(MARKER):
+        nb = nbformat.read(path, as_version=4)
+        index = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), None)
+        if index is None or not nb.cells[index].source.startswith(MARKER):
             print(f"{path.relative_to(ROOT)}: its first code cell must be the set-up cell (starting {MARKER!r})")
             stale.append(path)
             continue
-        if "".join(cell["source"]) != source or cell["metadata"].get("tags") != ["hide-input"]:
-            stale.append(path)
-            if not check:
-                cell["source"] = source.splitlines(keepends=True)
-                cell["metadata"]["tags"] = ["hide-input"]  # the book shows its output (the device), not the install code
-                path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")  # nbformat's layout
-                print(f"updated {path.relative_to(ROOT)}")
+        setup, link = nb.cells[index], nb.cells[index - 1] if index else None
+        has_link = link is not None and link.cell_type == "markdown" and link.source.startswith(LINK_MARKER)
+        if setup.source == setup_cell_source() and setup.metadata.get("tags") == ["hide-input"] \
+                and has_link and link.source == link_cell_source(path.stem):
+            continue
+        stale.append(path)
+        if check:
+            continue
+        setup.source = setup_cell_source()
+        setup.metadata["tags"] = ["hide-input"]  # the book shows its output (the device), not the install code
+        if has_link:
+            link.source = link_cell_source(path.stem)
+        else:
+            nb.cells.insert(index, nbformat.v4.new_markdown_cell(link_cell_source(path.stem)))
+        nbformat.write(nb, path)
+        print(f"updated {path.relative_to(ROOT)}")
     if check and stale:
         print("Out of date: " + ", ".join(str(p.relative_to(ROOT)) for p in stale)
               + ". Run: python tools/sync_setup_cells.py")
