@@ -159,7 +159,187 @@ class IA3Config(PeftConfig):
         return d
 
 
-CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "IA3": IA3Config}
+# --- bottleneck adapters (AdapterHub's configs) ----------------------------------------------------
+# Options of AdapterHub's BnConfig that peft_edu implements only at the values its three presets use.
+_BN_ONLY = {
+    "original_ln_after": (True,),
+    "residual_before_ln": (True,),
+    "ln_before": (False,),
+    "ln_after": (False,),
+    "adapter_residual_before_ln": (False,),
+}
+_BN_INITS = ("bert", "mam_adapter")
+
+
+@dataclass(kw_only=True)
+class BnConfig(PeftConfig):
+    """Bottleneck adapters, AdapterHub's ``BnConfig`` with its field names and defaults; see ``peft_edu.bottleneck``.
+
+    Use a preset (``SeqBnConfig``, ``DoubleSeqBnConfig``, ``ParBnConfig``) or give the four required fields.
+
+    mh_adapter / output_adapter: add an adapter at the attention sublayer's output / the FFN's output.
+    reduction_factor: the bottleneck has ``int(hidden_size // reduction_factor)`` units (at least 1). A dict gives
+        per-layer sizes, AdapterHub's ``{"0": 8, "default": 16}`` (int keys are turned into strings).
+    non_linearity: the activation between the projections (a name transformers knows: "relu", "swish", "gelu"...).
+    original_ln_before: Pfeiffer's placement: the adapter reads LayerNorm(h + x), the sublayer's output after the
+        residual (and, in post-norm models, after the pretrained LayerNorm) instead of h.
+    is_parallel: the adapter reads the sublayer's input x and its output is added next to the sublayer's (He et al.).
+    scaling: a number s that multiplies the adapter's output (He et al. use 4.0).
+    init_weights: "bert" (both projections ~ N(0, 0.02²), biases 0) or "mam_adapter" (down projection
+        kaiming-uniform, up projection 0: the adapter starts as the identity). init_weights_seed: reseed before
+        each adapter module's init, as AdapterHub does (0 or None: no reseeding).
+    leave_out: layer indices (from 0) that get no adapter. dropout: on the adapter's output.
+    original_ln_after, residual_before_ln, ln_before, ln_after, adapter_residual_before_ln: accepted only at the
+        values the three presets use (True, True, False, False, False); other values raise an error.
+    target_modules must stay None: the placement comes from mh_adapter / output_adapter.
+    """
+
+    mh_adapter: bool
+    output_adapter: bool
+    reduction_factor: float | dict
+    non_linearity: str
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    ln_before: bool = False
+    ln_after: bool = False
+    init_weights: str = "bert"
+    init_weights_seed: int | None = None
+    is_parallel: bool = False
+    scaling: float = 1.0
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    leave_out: list = field(default_factory=list)
+    dropout: float = 0.0
+
+    peft_type = "BOTTLENECK"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target_modules is not None:
+            raise ValueError(f"target_modules={self.target_modules!r}: bottleneck adapters are placed by mh_adapter "
+                             "(after attention) and output_adapter (after the FFN), not by target_modules; leave it None.")
+        for name in ("mh_adapter", "output_adapter", "original_ln_before", "is_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False.")
+        if not (self.mh_adapter or self.output_adapter):
+            raise ValueError("mh_adapter=False and output_adapter=False: this config adds no adapter anywhere.")
+        for name, allowed in _BN_ONLY.items():
+            if getattr(self, name) not in allowed or not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: peft_edu implements bottleneck adapters with "
+                                 f"{name}={allowed[0]} only (the value SeqBnConfig, DoubleSeqBnConfig and ParBnConfig use).")
+        rf = self.reduction_factor
+        if isinstance(rf, dict):
+            self.reduction_factor = rf = {str(k): v for k, v in rf.items()}
+            bad = [k for k in rf if k != "default" and not k.isdigit()]
+            if bad or not rf:
+                raise ValueError(f"reduction_factor={rf!r}: the keys of a per-layer mapping are layer indices and "
+                                 "'default', e.g. {'0': 8, 'default': 16}.")
+            values = list(rf.values())
+        else:
+            values = [rf]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values):
+            raise ValueError(f"reduction_factor={rf!r}: must be a positive number (hidden_size // reduction_factor "
+                             "units) or a mapping from layer index / 'default' to positive numbers.")
+        if not isinstance(self.non_linearity, str):
+            raise ValueError(f"non_linearity={self.non_linearity!r}: give an activation name such as 'relu' or 'swish'.")
+        from transformers.activations import ACT2FN  # transformers' names, as AdapterHub uses them
+
+        if self.non_linearity.lower() not in ACT2FN and self.non_linearity.lower() != "leakyrelu":
+            raise ValueError(f"non_linearity={self.non_linearity!r} is not an activation transformers knows "
+                             f"(e.g. {sorted(ACT2FN)[:12]}...).")
+        if self.init_weights not in _BN_INITS:
+            raise ValueError(f"init_weights={self.init_weights!r}: peft_edu implements {_BN_INITS} "
+                             "(AdapterHub also has 'houlsby', which no preset uses).")
+        if self.init_weights_seed is not None and (isinstance(self.init_weights_seed, bool)
+                                                   or not isinstance(self.init_weights_seed, int)):
+            raise ValueError(f"init_weights_seed={self.init_weights_seed!r}: an integer or None.")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise ValueError(f"scaling={self.scaling!r}: peft_edu implements a fixed number only (AdapterHub's "
+                             "'learned' and 'channel' scalings are not implemented).")
+        self.scaling = float(self.scaling)
+        if not isinstance(self.leave_out, (list, tuple, set)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.leave_out):
+            raise ValueError(f"leave_out={self.leave_out!r}: a list of layer indices (integers from 0).")
+        self.leave_out = sorted(self.leave_out)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r}: a probability in [0, 1).")
+
+
+@dataclass(kw_only=True)
+class SeqBnConfig(BnConfig):
+    """Pfeiffer et al. (arXiv 2005.00247): one serial adapter after the FFN; it reads LayerNorm(h + x). ReLU, m = d/16."""
+
+    original_ln_before: bool = True
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    non_linearity: str = "relu"
+    reduction_factor: float | dict = 16
+
+
+@dataclass(kw_only=True)
+class DoubleSeqBnConfig(BnConfig):
+    """Houlsby et al. (arXiv 1902.00751): serial adapters after the attention and after the FFN. Swish, m = d/16."""
+
+    mh_adapter: bool = True
+    output_adapter: bool = True
+    non_linearity: str = "swish"
+    reduction_factor: float | dict = 16
+
+
+@dataclass(kw_only=True)
+class ParBnConfig(BnConfig):
+    """He et al. (arXiv 2110.04366): a parallel adapter next to the FFN, scaled by 4, starting as the identity."""
+
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    non_linearity: str = "relu"
+    reduction_factor: float | dict = 2
+    init_weights: str = "mam_adapter"
+    is_parallel: bool = True
+    scaling: float = 4.0
+
+
+@dataclass(init=False)
+class ConfigUnion(PeftConfig):
+    """Several adapter configs in one model, AdapterHub's ``ConfigUnion(config_a, config_b, ...)``.
+
+    For now the members are bottleneck configs: "mixed" adapters, a different kind or size per layer, e.g.
+    ``ConfigUnion(DoubleSeqBnConfig(leave_out=[4, 5]), ParBnConfig(leave_out=[0, 1, 2, 3]))``. Each (layer,
+    location) may get an adapter from one member only. He et al.'s mix-and-match (AdapterHub's ``MAMConfig``) is
+    ``ConfigUnion(PrefixTuningConfig(...), ParBnConfig())``, possible once prefix tuning is a member type.
+    task_type and modules_to_save belong to the union, not to its members.
+    """
+
+    configs: list = field(default_factory=list)
+
+    peft_type = "UNION"
+
+    def __init__(self, *configs: PeftConfig, **fields):
+        members = list(fields.pop("configs", None) or configs)
+        self.configs = [config_from_peft_dict(c) if isinstance(c, dict) else c for c in members]
+        super().__init__(**fields)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.configs:
+            raise ValueError("ConfigUnion() needs at least one config, e.g. ConfigUnion(SeqBnConfig(), ParBnConfig()).")
+        for c in self.configs:
+            if not isinstance(c, BnConfig):
+                raise TypeError(f"ConfigUnion combines bottleneck configs (BnConfig and its presets) for now, not "
+                                f"{type(c).__name__}.")
+            if c.task_type is not None or c.modules_to_save is not None:
+                raise ValueError("Give task_type and modules_to_save to the ConfigUnion, not to its members.")
+        if self.target_modules is not None:
+            raise ValueError("ConfigUnion(target_modules=...): each member says where it goes; leave it None.")
+
+    def to_peft_dict(self) -> dict:
+        d = super().to_peft_dict()
+        d["configs"] = [c.to_peft_dict() for c in self.configs]
+        return d
+
+
+CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "IA3": IA3Config, "BOTTLENECK": BnConfig,
+                                             "UNION": ConfigUnion}
 
 # Keys PEFT writes into adapter_config.json that change nothing once the weights are loaded:
 # bookkeeping, how fresh weights would be initialised, and settings of options that are off.
