@@ -17,13 +17,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CLASSIFIER_HEAD_NAMES, IA3Config, LoraConfig, PeftConfig, load_config
+from .adapterhub import is_adapterhub_directory, read_adapterhub_directory
+from .bottleneck import inject_bottleneck
+from .config import CLASSIFIER_HEAD_NAMES, BnConfig, ConfigUnion, IA3Config, LoraConfig, PeftConfig, load_config
 from .injection import AdapterLayer, TrainedCopy, adapter_layers, matches, replace_module, train_copies_of
 from .ia3 import inject_ia3
 from .lora import inject_lora
 
 # One injector per method: each wraps the modules its method adapts (see injection.py).
-INJECTORS = {"LORA": inject_lora, "IA3": inject_ia3}
+INJECTORS = {"LORA": inject_lora, "IA3": inject_ia3, "BOTTLENECK": inject_bottleneck}
+
+
+def _inject_union(model: nn.Module, config: ConfigUnion) -> None:
+    """Each method of a ConfigUnion injects its own members (it gets the whole union), once per method."""
+    for peft_type in dict.fromkeys(c.peft_type for c in config.configs):
+        INJECTORS[peft_type](model, config)
+
+
+INJECTORS["UNION"] = _inject_union
 
 PEFT_KEY_PREFIX = "base_model.model."
 
@@ -143,7 +154,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, directory: str | Path) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does.
 
-    ``peft.PeftModel.from_pretrained(base_model, directory)`` loads the result.
+    ``peft.PeftModel.from_pretrained(base_model, directory)`` loads the result. Bottleneck adapters (which
+    PEFT does not have) are written the same way with ``"peft_type": "BOTTLENECK"`` (a ConfigUnion: "UNION");
+    only peft_edu reads them.
     """
     config = _peft_config(model)
     if any(layer.merged for layer in adapter_layers(model).values()):
@@ -159,16 +172,22 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
 def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
     """Add the adapter saved in ``directory`` (by PEFT or peft_edu) to ``base_model`` and return it.
 
+    A bottleneck adapter saved by AdapterHub (``model.save_adapter(directory, name)``) is recognised by its
+    files and converted (see ``adapterhub.py``).
+
     Every tensor in the file must find its parameter with the same shape, and every adapter
     parameter must be in the file; otherwise the error names the module and both shapes, and the
     base model is given back unchanged.
     """
     directory = Path(directory)
-    config = load_config(directory)
-    weights_path = directory / "adapter_model.safetensors"
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} does not exist (adapter_config.json is there, the weights are not).")
-    saved = load_file(str(weights_path))
+    if is_adapterhub_directory(directory):
+        config, saved = read_adapterhub_directory(base_model, directory)
+    else:
+        config = load_config(directory)
+        weights_path = directory / "adapter_model.safetensors"
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path} does not exist (adapter_config.json is there, the weights are not).")
+        saved = load_file(str(weights_path))
     model = get_peft_model(base_model, config)
     try:
         _copy_into(model, saved, config)
@@ -213,4 +232,8 @@ def _settings(config: PeftConfig) -> str:
         return f"r={config.r}" + (", use_dora=True" if config.use_dora else "")
     if isinstance(config, IA3Config):
         return f"feedforward_modules={config.feedforward_modules!r}"
+    if isinstance(config, BnConfig):
+        return f"reduction_factor={config.reduction_factor!r}"
+    if isinstance(config, ConfigUnion):
+        return "; ".join(f"{type(c).__name__}: {_settings(c)}" for c in config.configs)
     return type(config).__name__

@@ -1,0 +1,172 @@
+"""Reading the bottleneck adapters that AdapterHub's ``adapters`` library saves, for ``peft_edu.load_adapter``.
+
+``model.save_adapter(directory, "name")`` (adapters 1.3.0) writes:
+
+* ``adapter_config.json``: ``{"config": {...every BnConfig field...}, "name", "model_type", "model_class",
+  "model_name", "hidden_size", "version"}``; a ``ConfigUnion`` is ``{"architecture": "union", "configs": [...]}``.
+  Same file name as PEFT's, but no ``peft_type``: that is how ``load_adapter`` tells the two apart.
+* the weights, ``pytorch_adapter.bin`` (``torch.save``) or, with ``use_safetensors=True``, ``adapter.safetensors``,
+  under the model's own parameter names: ``<layers>.<i>.attention.output.adapters.<name>.adapter_down.0.weight``
+  and ``<layers>.<i>.output.adapters.<name>.adapter_up.bias`` (BERT), ``<layers>.<i>.attention_adapters.adapters.
+  <name>...`` and ``<layers>.<i>.output_adapters.adapters.<name>...`` (Llama). ``adapter_down.0`` is the down
+  projection inside AdapterHub's ``nn.Sequential(Linear, activation)``; ours is ``adapter_down``.
+* for a model with a fixed head (``BertForSequenceClassification``, ``LlamaForCausalLM``) also
+  ``head_config.json`` and ``pytorch_model_head.bin`` / ``model_head.safetensors``: every parameter outside the
+  base model (``classifier.*``, ``score.weight``, ``lm_head.weight``).
+
+The conversion maps each adapter to the site with the same layer index and location (so an adapter saved from
+``BertForSequenceClassification`` loads into ``BertModel`` too), and the head as PEFT would hold it: a
+classification head (``classifier``, ``score``) becomes ``task_type="SEQ_CLS"`` (trained, like AdapterHub's),
+another head (``lm_head``) is loaded as ``modules_to_save`` only if it differs from the base model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .bottleneck import find_sites
+from .config import CLASSIFIER_HEAD_NAMES, BnConfig, ConfigUnion, PeftConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter.safetensors", "pytorch_adapter.bin")
+HEAD_WEIGHTS_NAMES = ("model_head.safetensors", "pytorch_model_head.bin")
+
+# AdapterHub options peft_edu does not implement: accepted at their off value only.
+_OFF = {"phm_layer": False, "use_gating": False, "inv_adapter": None, "cross_adapter": False, "stochastic_depth": 0.0}
+# Options that only matter when one of the options above is on.
+_INERT = {"phm_dim", "factorized_phm_W", "shared_W_phm", "shared_phm_rule", "factorized_phm_rule", "phm_c_init",
+          "phm_init_range", "learn_phm", "hypercomplex_nonlinearity", "phm_rank", "phm_bias",
+          "inv_adapter_reduction_factor", "architecture"}
+
+_KEY = re.compile(r"(?:^|.*\.)(?P<layer>\d+)\.(?P<path>attention\.output\.adapters|output\.adapters|"
+                  r"attention_adapters\.adapters|output_adapters\.adapters)\.(?P<name>[^.]+)\."
+                  r"(?P<proj>adapter_down\.0|adapter_up)\.(?P<kind>weight|bias)$")
+
+
+def is_adapterhub_directory(directory: str | Path) -> bool:
+    """True for a directory AdapterHub's ``save_adapter`` wrote: its weight file, or its config layout."""
+    directory = Path(directory)
+    if any((directory / name).is_file() for name in WEIGHTS_NAMES):
+        return True
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        return False
+    d = json.loads(path.read_text())
+    return isinstance(d, dict) and "peft_type" not in d and "config" in d and "model_type" in d
+
+
+def config_from_adapterhub_dict(d: dict, **fields) -> PeftConfig:
+    """Our config from AdapterHub's ``config`` entry (a BnConfig's fields, or a union of them)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"AdapterHub's adapter_config.json has config={d!r}; expected the adapter's fields.")
+    architecture = d.get("architecture")
+    if architecture == "union":
+        members = [config_from_adapterhub_dict(c) for c in d["configs"]]
+        return ConfigUnion(*members, **fields)
+    if architecture not in (None, "bottleneck"):
+        raise ValueError(f"This AdapterHub adapter is a {architecture!r} adapter; peft_edu reads AdapterHub's "
+                         "bottleneck adapters (BnConfig, SeqBnConfig, DoubleSeqBnConfig, ParBnConfig, and unions of them).")
+    known = {f.name for f in dataclasses.fields(BnConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    kwargs, unsupported = {}, []
+    for key, value in d.items():
+        if key in known:
+            kwargs[key] = value
+        elif key in _OFF:
+            if value != _OFF[key]:
+                unsupported.append(f"{key}={value!r}")
+        elif key not in _INERT:
+            unsupported.append(f"{key}={value!r}")
+    if unsupported:
+        raise ValueError(f"The AdapterHub adapter uses options peft_edu does not implement: {', '.join(unsupported)}.")
+    return BnConfig(**kwargs, **fields)
+
+
+def _load_tensors(directory: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    for name in names:
+        path = directory / name
+        if path.is_file():
+            if name.endswith(".safetensors"):
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+    return None
+
+
+def _head(base_model: nn.Module, head: dict[str, torch.Tensor], directory: Path) -> tuple[str | None, list[str] | None, dict]:
+    """(task_type, modules_to_save, tensors) for the head file's parameters, as PEFT would hold them."""
+    state = base_model.state_dict()
+    modules = sorted({key.rsplit(".", 1)[0] for key in head})
+    absent = [key for key in head if key not in state]
+    if absent:
+        model_class = json.loads((directory / "head_config.json").read_text()).get("model_class") \
+            if (directory / "head_config.json").is_file() else "another model class"
+        raise ValueError(f"The AdapterHub directory {directory} holds a prediction head ({absent[:3]}) that "
+                         f"{type(base_model).__name__} does not have; it was saved from {model_class}: load it "
+                         f"into that model class.")
+    for key, tensor in head.items():
+        if tensor.shape != state[key].shape:
+            module = key.rsplit(".", 1)[0]
+            raise ValueError(f"Shape mismatch at the head {module}: the AdapterHub file has {key.rsplit('.', 1)[1]} of "
+                             f"shape {tuple(tensor.shape)}, the model expects {tuple(state[key].shape)} (another "
+                             f"number of labels?).")
+    task_type, to_save, tensors = None, [], {}
+    for module in modules:
+        keys = [k for k in head if k.rsplit(".", 1)[0] == module]
+        if module.rsplit(".", 1)[-1] in CLASSIFIER_HEAD_NAMES:
+            task_type = "SEQ_CLS"  # AdapterHub trains the classification head next to the adapter
+        elif all(torch.equal(head[k], state[k].to(head[k].dtype)) for k in keys):
+            continue  # the pretrained head (e.g. lm_head), unchanged
+        else:
+            to_save.append(module)
+        tensors.update({k: head[k] for k in keys})
+    return task_type, (to_save or None), tensors
+
+
+def read_adapterhub_directory(base_model: nn.Module, directory: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """(config, tensors under our names) for the AdapterHub adapter in ``directory``, checked against ``base_model``."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: AdapterHub writes it next to its weights.")
+    saved = json.loads(config_path.read_text())
+    weights = _load_tensors(directory, WEIGHTS_NAMES)
+    if weights is None:
+        raise FileNotFoundError(f"{directory} has AdapterHub's {CONFIG_NAME} but neither of its weight files "
+                                f"{WEIGHTS_NAMES}.")
+    model_config = getattr(base_model, "config", None)
+    model_type = getattr(model_config, "model_type", None)
+    if saved.get("model_type") and model_type and saved["model_type"] != model_type:
+        raise ValueError(f"The AdapterHub adapter in {directory} was saved from a {saved['model_type']!r} model "
+                         f"({saved.get('model_class')}); {type(base_model).__name__} is a {model_type!r} model.")
+    hidden = getattr(model_config, "hidden_size", None)
+    if saved.get("hidden_size") and hidden and saved["hidden_size"] != hidden:
+        raise ValueError(f"The AdapterHub adapter in {directory} was saved from a model with hidden_size="
+                         f"{saved['hidden_size']}; {type(base_model).__name__} has hidden_size={hidden}.")
+
+    head = _load_tensors(directory, HEAD_WEIGHTS_NAMES)
+    task_type, to_save, tensors = _head(base_model, head, directory) if head else (None, None, {})
+    config = config_from_adapterhub_dict(saved.get("config"), task_type=task_type, modules_to_save=to_save)
+
+    sites = {(s.layer, s.adapterhub_path): s for s in find_sites(base_model)}
+    name = saved.get("name")
+    for key, tensor in weights.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"The AdapterHub file in {directory} has a tensor peft_edu cannot place: {key!r} "
+                             "(peft_edu reads bottleneck adapters' adapter_down.0 / adapter_up weights and biases).")
+        if name and match["name"] != name:
+            raise ValueError(f"The AdapterHub file has tensors of the adapter {match['name']!r}, its config names "
+                             f"{name!r}: {key!r}.")
+        site = sites.get((int(match["layer"]), match["path"]))
+        if site is None:
+            raise ValueError(f"The AdapterHub file has an adapter for layer {match['layer']} at "
+                             f"{match['path'].removesuffix('.adapters')}, which {type(base_model).__name__} does not "
+                             f"have ({key!r}).")
+        tensors[f"{site.module}.{match['proj'].removesuffix('.0')}.{match['kind']}"] = tensor
+    return config, tensors

@@ -1,0 +1,332 @@
+r"""Bottleneck adapters: a small two-layer network added to every transformer layer.
+
+Houlsby et al. (arXiv 1902.00751) freeze the pretrained model and insert, after a sublayer, a network that
+projects the hidden state h ∈ ℝ^d down to m ≪ d units, applies a non-linearity f and projects back up:
+
+    A(z) = s · (W_up f(W_down z + b_down) + b_up),     W_down ∈ ℝ^{m×d},  W_up ∈ ℝ^{d×m},
+                                                      m = int(d // reduction_factor)  (at least 1)
+    serial:    h ← h + A(h)            the adapter sits *on* the path, with its own skip connection
+    parallel:  h ← h + A(x)            the adapter reads the sublayer's input x, next to the sublayer
+
+(The source article writes "LayerNorm → FFN(DownProj(Activation(UpProj(DownProj(x))))) + x"; there is one
+down-projection, one non-linearity and one up-projection, plus the skip connection.)
+
+* Trainable parameters per adapter: 2·d·m + m + d (weights and biases of both projections).
+* Initialisation, as AdapterHub: ``init_weights="bert"`` draws both weights from N(0, 0.02²) with zero biases,
+  so the adapter starts *near* the identity; ``"mam_adapter"`` (the parallel preset) draws W_down
+  kaiming-uniform and sets W_up = 0, b_up = 0, so A = 0 and the model starts exactly as the base model.
+* No merging: f sits between W_down and W_up, so h + A(h) is not a linear map of h and no weight matrix of
+  the frozen model can absorb it (LoRA can merge because BA has nothing in between). An adapter costs two
+  small matrix products per sublayer at inference; ``unload`` gives the base model back.
+
+Where the adapter goes, in words (AdapterHub's ``adapters`` 1.3.0, which this module reproduces exactly).
+Write x for a sublayer's input (the residual stream), h for the sublayer's output (BERT: after its output
+``dense`` and dropout; Llama: the attention's ``o_proj`` output or the MLP's output).
+
+    BERT, post-norm (a layer computes LN(h + x) twice: attention, then FFN):
+      DoubleSeqBnConfig (Houlsby)   attention and FFN   LN(h + A(h) + x)
+      SeqBnConfig (Pfeiffer)        FFN only            LN(h + A(LN(h + x)) + x)
+                                    (the adapter reads the sublayer's normalised output, its skip connection
+                                    carries h, and the *same* pretrained LayerNorm is applied once more)
+      ParBnConfig (He et al.)       FFN only            LN(h + A(x) + x)
+                                    (x is the FFN's input, i.e. the attention block's output)
+
+    Llama, pre-norm (a layer computes x + h with h = sublayer(RMSNorm(x)); AdapterHub passes no norm):
+      DoubleSeqBnConfig             attention and MLP   x + h + A(h)
+      SeqBnConfig                   MLP only            x + h + A(h + x)   (the updated residual stream)
+      ParBnConfig                   MLP only            x + h + A(x)       (x *before* the RMSNorm: not the
+                                                                          normalised input the MLP reads)
+
+So the adapter always sits *before* the pretrained LayerNorm of a post-norm layer (which then normalises
+h + A(·) + x), and inside the residual branch of a pre-norm layer.
+
+How it gets into the model (see ``injection.py``): each adapter is a ``BottleneckAdapter`` wrapping the module
+whose output it changes. In BERT that is the sublayer's output module (``attention.output``, a
+``BertSelfOutput``, and ``output``, a ``BertOutput``): both get (h_in, x), so the wrapper reruns their ``dense``,
+``dropout`` and ``LayerNorm`` with the adapter in between. In Llama it is ``self_attn`` or ``mlp``, whose
+output the decoder layer adds to x; when the adapter also needs x (Pfeiffer, parallel), a ``ResidualTap``
+wraps the norm in front of the sublayer (``input_layernorm``, ``post_attention_layernorm``), whose input *is* x,
+and hands it over. Both wrappers keep the original module as ``base_layer``: ``unload`` restores the model.
+
+Mixed adapters: a ``BnConfig`` has ``leave_out`` and per-layer ``reduction_factor``s; a ``ConfigUnion`` of
+bottleneck configs gives each layer and location its own kind (one member per location).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import BnConfig, ConfigUnion, PeftConfig
+from .injection import AdapterLayer, TrainedCopy, replace_module
+
+LOCATIONS = ("mh_adapter", "output_adapter")  # AdapterHub's location keys: after attention, after the FFN
+
+MERGE_ERROR = (
+    "Bottleneck adapters cannot be merged into the frozen weights: the adapter adds s·W_up f(W_down z), and the "
+    "non-linearity f between the two projections makes it a non-linear function of the hidden state, which no "
+    "change of a weight matrix can reproduce (LoRA's B·A has nothing between B and A, which is why it merges). "
+    "Keep the adapter at inference, or call peft_edu.unload(model) to get the base model back."
+)
+
+
+# --- where adapters go ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Site:
+    """One place for an adapter: layer ``layer`` (from 0), ``location`` "mh_adapter" or "output_adapter".
+
+    module: the module the adapter wraps. residual_norm: in a pre-norm layer, the norm whose input is the
+    residual stream x (None in post-norm layers, where the wrapped module gets x itself). adapterhub_path:
+    where AdapterHub keeps this adapter, relative to the transformer layer (``attention.output.adapters``,
+    ``attention_adapters.adapters``...).
+    """
+
+    layer: int
+    location: str
+    module: str
+    style: str  # "post_norm" (BERT) or "pre_norm" (Llama)
+    residual_norm: str | None
+    adapterhub_path: str
+
+
+_POST_NORM_PATHS = {"mh_adapter": "attention.output", "output_adapter": "output"}
+_PRE_NORM_PATHS = {"mh_adapter": ("self_attn", "input_layernorm", "attention_adapters"),
+                   "output_adapter": ("mlp", "post_attention_layernorm", "output_adapters")}
+
+
+def _is_output_module(module: nn.Module | None) -> bool:
+    """BERT's BertSelfOutput / BertOutput: dense → dropout → LayerNorm(· + input_tensor)."""
+    return module is not None and all(hasattr(module, a) for a in ("dense", "dropout", "LayerNorm"))
+
+
+def _layer_style(layer: nn.Module) -> str | None:
+    if all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")):
+        return "pre_norm"
+    attention_output = getattr(getattr(layer, "attention", None), "output", None)
+    if _is_output_module(attention_output) and _is_output_module(getattr(layer, "output", None)):
+        return "post_norm"
+    return None
+
+
+def find_sites(model: nn.Module) -> list[Site]:
+    """Every place a bottleneck adapter can go, ordered by layer, attention before FFN (AdapterHub's order)."""
+    inside_copies = tuple(n + "." for n, m in model.named_modules() if isinstance(m, TrainedCopy))
+    stacks = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) and not name.startswith(inside_copies)
+              and all(_layer_style(layer) for layer in module)]
+    if len(stacks) != 1:
+        found = "no stack of transformer layers" if not stacks else f"{len(stacks)} stacks ({[n for n, _ in stacks]})"
+        raise ValueError(
+            f"peft_edu places bottleneck adapters in one stack of BERT-style (post-norm: attention.output and output "
+            f"modules with dense, dropout and LayerNorm) or Llama-style (pre-norm: self_attn, mlp, input_layernorm, "
+            f"post_attention_layernorm) layers; {type(model).__name__} has {found}."
+        )
+    stack_name, stack = stacks[0]
+    sites = []
+    for i, layer in enumerate(stack):
+        prefix = f"{stack_name}.{i}." if stack_name else f"{i}."
+        style = _layer_style(layer)
+        for location in LOCATIONS:
+            if style == "post_norm":
+                path = _POST_NORM_PATHS[location]
+                sites.append(Site(i, location, prefix + path, style, None, path + ".adapters"))
+            else:
+                path, norm, adapterhub = _PRE_NORM_PATHS[location]
+                sites.append(Site(i, location, prefix + path, style, prefix + norm, adapterhub + ".adapters"))
+    return sites
+
+
+def bottleneck_members(config: PeftConfig) -> list[BnConfig]:
+    if isinstance(config, ConfigUnion):
+        return [c for c in config.configs if isinstance(c, BnConfig)]
+    if isinstance(config, BnConfig):
+        return [config]
+    raise TypeError(f"Not a bottleneck config: {type(config).__name__}.")
+
+
+def plan(model: nn.Module, config: PeftConfig) -> dict[Site, BnConfig]:
+    """Which config each site gets (sites that get none are left out), checked against the model."""
+    members = bottleneck_members(config)
+    sites = find_sites(model)
+    n_layers = 1 + max(s.layer for s in sites)
+    for c in members:
+        beyond = [i for i in c.leave_out if i >= n_layers]
+        if beyond:
+            raise ValueError(f"leave_out={c.leave_out} names layers {beyond}, but {type(model).__name__} has "
+                             f"{n_layers} layers (0 to {n_layers - 1}).")
+        if isinstance(c.reduction_factor, dict):
+            extra = [k for k in c.reduction_factor if k != "default" and int(k) >= n_layers]
+            if extra:
+                raise ValueError(f"reduction_factor={c.reduction_factor} names layers {extra}, but "
+                                 f"{type(model).__name__} has {n_layers} layers.")
+    chosen = {}
+    for site in sites:
+        matching = [c for c in members if getattr(c, site.location) and site.layer not in c.leave_out]
+        if len(matching) > 1:
+            raise ValueError(
+                f"Layer {site.layer} ({site.location}, {site.module}) would get an adapter from {len(matching)} members "
+                f"of the ConfigUnion; give each location one kind of adapter (use leave_out, mh_adapter, output_adapter)."
+            )
+        if matching:
+            chosen[site] = matching[0]
+    if not chosen:
+        raise ValueError(f"The config places no adapter in {type(model).__name__}: every layer is left out.")
+    return chosen
+
+
+def bottleneck_size(config: BnConfig, hidden_size: int, layer: int) -> int:
+    """AdapterHub's size: int(hidden_size // reduction_factor), at least 1 (a factor < 1 widens)."""
+    factor = config.reduction_factor
+    if isinstance(factor, dict):
+        if str(layer) in factor:
+            factor = factor[str(layer)]
+        elif "default" in factor:
+            factor = factor["default"]
+        else:
+            raise ValueError(f"reduction_factor={config.reduction_factor} has no entry for layer {layer} and no "
+                             "'default', e.g. {'0': 8, 'default': 16}.")
+    return max(1, int(hidden_size // factor))
+
+
+def activation(name: str) -> nn.Module:
+    """The non-linearity by name, the module transformers gives for it (as AdapterHub takes it)."""
+    if name.lower() == "leakyrelu":
+        return nn.LeakyReLU()
+    from transformers.activations import get_activation
+
+    return get_activation(name.lower())
+
+
+# --- the layers ---------------------------------------------------------------------------------------
+class ResidualTap(AdapterLayer):
+    """Wraps the norm in front of a pre-norm sublayer and keeps its input, the residual stream x, for the
+    adapter after that sublayer (which only sees the normalised input). It has no parameters."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.residual = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.residual = hidden_states
+        return self.base_layer(hidden_states, *args, **kwargs)
+
+    def take(self) -> torch.Tensor:
+        residual, self.residual = self.residual, None  # do not keep the activation alive after use
+        if residual is None:
+            raise RuntimeError("The residual stream was not recorded: the norm in front of the adapted sublayer did "
+                               "not run before it.")
+        return residual
+
+    def merge_into_base(self) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+
+class BottleneckAdapter(AdapterLayer):
+    """A bottleneck adapter around a sublayer's output module (see the module docstring for the placement).
+
+    Parameters ``adapter_down`` (d → m) and ``adapter_up`` (m → d), both with bias; the file keys are
+    ``<module>.adapter_down.weight`` etc. (AdapterHub's ``adapter_down.0.weight`` ... map onto them).
+    """
+
+    def __init__(self, base_layer: nn.Module, config: BnConfig, hidden_size: int, layer: int, location: str,
+                 style: str, residual_tap: ResidualTap | None = None):
+        super().__init__(base_layer)
+        if style not in ("post_norm", "pre_norm"):
+            raise ValueError(f"style={style!r}: 'post_norm' or 'pre_norm'.")
+        if style == "post_norm" and not _is_output_module(base_layer):
+            raise TypeError(f"A post-norm adapter wraps a module with dense, dropout and LayerNorm (BertOutput), "
+                            f"not {type(base_layer).__name__}.")
+        if style == "pre_norm" and (config.is_parallel or config.original_ln_before) and residual_tap is None:
+            raise ValueError("This adapter reads the residual stream x: give the ResidualTap on the norm before it.")
+        self.style, self.layer, self.location = style, layer, location
+        self.is_parallel, self.original_ln_before = config.is_parallel, config.original_ln_before
+        self.scaling = config.scaling
+        self.bottleneck = bottleneck_size(config, hidden_size, layer)
+        weight = next(base_layer.parameters())
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        # Built in AdapterHub's order (down, up, then the init), so that the same seed gives the same weights.
+        self.adapter_down = nn.Linear(hidden_size, self.bottleneck, **factory)
+        self.non_linearity = activation(config.non_linearity)
+        self.adapter_up = nn.Linear(self.bottleneck, hidden_size, **factory)
+        self.dropout = nn.Dropout(config.dropout)
+        self.__dict__["residual_tap"] = residual_tap  # shared with the tap, not a submodule of this layer
+        self.reset_adapter_parameters(config.init_weights, config.init_weights_seed)
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self, init_weights: str, seed: int | None = None) -> None:
+        if seed:  # AdapterHub reseeds before each adapter module when init_weights_seed is set (and not 0)
+            torch.manual_seed(seed)
+        if init_weights == "bert":  # BERT's own init: N(0, 0.02²), biases 0
+            self.adapter_down.weight.normal_(0.0, 0.02)
+            self.adapter_up.weight.normal_(0.0, 0.02)
+            self.adapter_down.bias.zero_()
+            self.adapter_up.bias.zero_()
+        elif init_weights == "mam_adapter":  # He et al.: A = 0 at the start
+            nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+            self.adapter_down.bias.zero_()
+            self.adapter_up.weight.zero_()
+            self.adapter_up.bias.zero_()
+        else:
+            raise ValueError(f"init_weights={init_weights!r}: 'bert' or 'mam_adapter'.")
+
+    def adapter(self, z: torch.Tensor) -> torch.Tensor:
+        """A(z) = s · (W_up f(W_down z + b_down) + b_up), then the adapter's dropout."""
+        return self.dropout(self.adapter_up(self.non_linearity(self.adapter_down(z))) * self.scaling)
+
+    def forward(self, *args, **kwargs):
+        if self.style == "post_norm":
+            return self._post_norm_forward(*args, **kwargs)
+        return self._pre_norm_forward(*args, **kwargs)
+
+    def _post_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        h = base.dropout(base.dense(hidden_states))  # the sublayer's output
+        x = input_tensor                             # the sublayer's input, its skip connection
+        if self.is_parallel:
+            return base.LayerNorm(self.adapter(x) + h + x)
+        z = base.LayerNorm(h + x) if self.original_ln_before else h
+        return base.LayerNorm(self.adapter(z) + h + x)
+
+    def _pre_norm_forward(self, *args, **kwargs):
+        out = self.base_layer(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+        if self.is_parallel:
+            h = self.adapter(self.residual_tap.take()) + h
+        elif self.original_ln_before:
+            h = self.adapter(h + self.residual_tap.take()) + h
+        else:
+            h = self.adapter(h) + h
+        # The decoder layer adds x itself: x + (A(·) + h), the same sum AdapterHub forms as (A(·) + h) + x.
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    def merge_into_base(self) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def extra_repr(self) -> str:
+        kind = "parallel" if self.is_parallel else ("serial, reads LN(h + x)" if self.original_ln_before else "serial")
+        return f"layer={self.layer}, location={self.location}, {kind}, bottleneck={self.bottleneck}, scaling={self.scaling:g}"
+
+
+def hidden_size_of(model: nn.Module, site: Site) -> int:
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    if size is None:
+        raise ValueError(f"{type(model).__name__} has no config.hidden_size; bottleneck adapters need it "
+                         "(AdapterHub sizes them from it too).")
+    return size
+
+
+def inject_bottleneck(model: nn.Module, config: PeftConfig) -> None:
+    """Wrap each site that ``config`` (a BnConfig or a ConfigUnion of them) selects in a BottleneckAdapter."""
+    for site, member in plan(model, config).items():  # in AdapterHub's order: same seed, same initial weights
+        tap = None
+        if site.style == "pre_norm" and (member.is_parallel or member.original_ln_before):
+            tap = model.get_submodule(site.residual_norm)
+            if not isinstance(tap, ResidualTap):
+                tap = ResidualTap(tap)
+                replace_module(model, site.residual_norm, tap)
+        base = model.get_submodule(site.module)
+        replace_module(model, site.module, BottleneckAdapter(
+            base, member, hidden_size_of(model, site), site.layer, site.location, site.style, residual_tap=tap))
