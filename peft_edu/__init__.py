@@ -7,7 +7,8 @@
     peft_edu.save_adapter(model, "my-adapter")        # loads with peft.PeftModel.from_pretrained too
 """
 
-from .config import IA3Config, LoraConfig, PeftConfig
+from .bottleneck import BottleneckAdapter
+from .config import BnConfig, ConfigUnion, DoubleSeqBnConfig, IA3Config, LoraConfig, ParBnConfig, PeftConfig, SeqBnConfig
 from .dora import DoraLinear
 from .ia3 import IA3Linear
 from .lora import LoraLinear
@@ -25,4 +26,5 @@ from .model import (
 __all__ = [
     "LoraConfig", "PeftConfig", "LoraLinear", "DoraLinear", "count_parameters", "get_peft_model", "load_adapter", "merge",
     "print_trainable_parameters", "save_adapter", "unload", "unmerge", "IA3Config", "IA3Linear",
+    "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "BottleneckAdapter",
 ]
