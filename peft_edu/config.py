@@ -41,6 +41,7 @@ class PeftConfig:
     inference_mode: bool = False
 
     peft_type = None  # set by each method's subclass, e.g. "LORA"
+    is_prompt_learning = False  # True for the virtual-token methods (PEFT's property of the same name)
 
     def __post_init__(self):
         if self.task_type is not None and self.task_type not in TASK_TYPES:
@@ -338,8 +339,125 @@ class ConfigUnion(PeftConfig):
         return d
 
 
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields shared by the virtual-token methods (PEFT's ``PromptLearningConfig``); see ``peft_edu.virtual_tokens``.
+
+    num_virtual_tokens: n, the number of virtual tokens (prompt tuning) or of key/value pairs per layer (prefix tuning).
+    task_type: "CAUSAL_LM", "SEQ_CLS" or "FEATURE_EXTRACTION" (required: it decides, as PEFT's
+        ``PeftModelFor<Task>`` does, how labels and token_type_ids are extended).
+    token_dim, num_layers, num_attention_heads, num_transformer_submodules: None takes them from the model, as PEFT
+        does (they are written to adapter_config.json); given values must fit the model.
+    target_modules: not used; must stay None.
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+
+    is_prompt_learning = True
+    PROMPT_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.num_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"num_virtual_tokens={n!r}: the number of virtual tokens must be a positive integer (e.g. 20).")
+        if self.task_type not in self.PROMPT_TASK_TYPES:
+            raise ValueError(f"task_type={self.task_type!r}: {type(self).__name__} needs one of {self.PROMPT_TASK_TYPES} "
+                             "(it decides how labels and token_type_ids are extended).")
+        if self.target_modules is not None:
+            raise ValueError(f"target_modules={self.target_modules!r}: {type(self).__name__} adds virtual tokens in front "
+                             "of the input and adapts no layer; leave target_modules None.")
+        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}={value!r}: a positive integer, or None to take it from the model.")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError(f"num_transformer_submodules={self.num_transformer_submodules!r}: peft_edu supports "
+                             "decoder-only and encoder-only models (1); encoder-decoder models (2) are not implemented.")
+
+    def to_peft_dict(self) -> dict:
+        d = super().to_peft_dict()
+        del d["target_modules"]  # PEFT's prompt-learning configs have no such field
+        return d
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning (arXiv 2101.00190); with task_type="SEQ_CLS" on an encoder also P-tuning v2 (arXiv 2110.07602).
+
+    See ``peft_edu.prefix_tuning``. Every attention layer gets n trainable keys and values in front of the real ones.
+    prefix_projection: False: the prefix is a trainable table of shape (n, 2·num_layers·token_dim); True: it is the
+        output of Embedding(n, token_dim) → Linear(token_dim, encoder_hidden_size) → Tanh → Linear(.., 2·num_layers·token_dim).
+    encoder_hidden_size: that MLP's width (None: token_dim).
+    init_weights: None (random, PEFT's default) or "zero" (the table, or the MLP's last layer, starts at 0).
+    """
+
+    init_weights: str | None = None
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+
+    peft_type = "PREFIX_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"prefix_projection={self.prefix_projection!r}: must be True or False.")
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights={self.init_weights!r}: None (random) or 'zero', as in PEFT.")
+        h = self.encoder_hidden_size
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h <= 0):
+            raise ValueError(f"encoder_hidden_size={h!r}: a positive integer, or None for token_dim.")
+
+
+PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning (arXiv 2104.08691): n trainable input embeddings in front of the input; see ``peft_edu.prompt_tuning``.
+
+    prompt_tuning_init: "RANDOM" (N(0, 1), PEFT's default), "SAMPLE_VOCAB" (embeddings of random vocabulary tokens)
+        or "TEXT" (embeddings of ``prompt_tuning_init_text``, repeated or cut to n tokens). PEFT's
+        ``PromptTuningInit`` members are accepted too.
+    tokenizer_name_or_path: for "TEXT": a tokenizer object or a local folder (read offline, ``local_files_only=True``,
+        unless tokenizer_kwargs say otherwise). tokenizer_kwargs: passed to ``AutoTokenizer.from_pretrained``.
+    """
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: object = None
+    tokenizer_kwargs: dict | None = None
+
+    peft_type = "PROMPT_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        init = self.prompt_tuning_init
+        self.prompt_tuning_init = init = getattr(init, "value", init)  # PEFT's PromptTuningInit is a str enum
+        if init not in PROMPT_TUNING_INITS:
+            raise ValueError(f"prompt_tuning_init={init!r}: one of {PROMPT_TUNING_INITS}.")
+        if init == "TEXT" and not self.tokenizer_name_or_path:
+            raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a tokenizer object or a local folder).")
+        if init == "TEXT" and not isinstance(self.prompt_tuning_init_text, str):
+            raise ValueError(f"prompt_tuning_init='TEXT' needs prompt_tuning_init_text, not {self.prompt_tuning_init_text!r}.")
+        if self.tokenizer_kwargs and init != "TEXT":
+            raise ValueError("tokenizer_kwargs are used only with prompt_tuning_init='TEXT' (PEFT's rule).")
+
+    def to_peft_dict(self) -> dict:
+        tokenizer = self.tokenizer_name_or_path
+        if tokenizer is not None and not isinstance(tokenizer, str):  # a tokenizer object: write where it came from
+            return dataclasses.replace(self, tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None) or
+                                       type(tokenizer).__name__).to_peft_dict()
+        return super().to_peft_dict()
+
+
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "IA3": IA3Config, "BOTTLENECK": BnConfig,
-                                             "UNION": ConfigUnion}
+                                             "UNION": ConfigUnion, "PREFIX_TUNING": PrefixTuningConfig,
+                                             "PROMPT_TUNING": PromptTuningConfig}
 
 # Keys PEFT writes into adapter_config.json that change nothing once the weights are loaded:
 # bookkeeping, how fresh weights would be initialised, and settings of options that are off.
