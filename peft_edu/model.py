@@ -11,6 +11,7 @@ are ``base_model.model.<module name>.<tensor>``, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -23,9 +24,13 @@ from .config import CLASSIFIER_HEAD_NAMES, BnConfig, ConfigUnion, IA3Config, Lor
 from .injection import AdapterLayer, TrainedCopy, adapter_layers, matches, replace_module, train_copies_of
 from .ia3 import inject_ia3
 from .lora import inject_lora
+from .prefix_tuning import inject_prefix_tuning
+from .prompt_tuning import inject_prompt_tuning
+from .virtual_tokens import PROMPT_EMBEDDINGS_KEY, PromptEncoder
 
 # One injector per method: each wraps the modules its method adapts (see injection.py).
-INJECTORS = {"LORA": inject_lora, "IA3": inject_ia3, "BOTTLENECK": inject_bottleneck}
+INJECTORS = {"LORA": inject_lora, "IA3": inject_ia3, "BOTTLENECK": inject_bottleneck,
+             "PREFIX_TUNING": inject_prefix_tuning, "PROMPT_TUNING": inject_prompt_tuning}
 
 
 def _inject_union(model: nn.Module, config: ConfigUnion) -> None:
@@ -37,6 +42,18 @@ def _inject_union(model: nn.Module, config: ConfigUnion) -> None:
 INJECTORS["UNION"] = _inject_union
 
 PEFT_KEY_PREFIX = "base_model.model."
+
+
+def _key_prefix(config: PeftConfig) -> str:
+    """PEFT's key prefix: ``base_model.model.`` (its tuner wraps the model), but ``base_model.`` for prompt learning,
+    whose PeftModel holds the model directly (the one key ``prompt_embeddings`` has no prefix at all)."""
+    return "base_model." if config.is_prompt_learning else PEFT_KEY_PREFIX
+
+
+def _nothing_to_merge(config: PeftConfig, verb: str) -> None:
+    if config.is_prompt_learning:
+        raise TypeError(f"{config.peft_type} adds virtual tokens in front of the input and changes no weight, so there is "
+                        f"nothing to {verb}. peft_edu.unload(model) takes the adapter out.")
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig) -> nn.Module:
@@ -99,7 +116,7 @@ def merge(model: nn.Module) -> None:
 
     Merging a merged model is an error (it would add ΔW twice); ``unmerge`` undoes it.
     """
-    _peft_config(model)
+    _nothing_to_merge(_peft_config(model), "merge")
     layers = adapter_layers(model).values()
     if any(layer.merged for layer in layers):
         raise RuntimeError("The adapter is already merged; merging again would add ΔW twice. Call unmerge(model) first.")
@@ -109,7 +126,7 @@ def merge(model: nn.Module) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from its base weight again (W₀ ← W₀ − ΔW)."""
-    _peft_config(model)
+    _nothing_to_merge(_peft_config(model), "unmerge")
     layers = adapter_layers(model).values()
     if not any(layer.merged for layer in layers):
         raise RuntimeError("The adapter is not merged, so there is nothing to unmerge.")
@@ -127,6 +144,8 @@ def unload(model: nn.Module) -> nn.Module:
             replace_module(model, name, module.base_layer)
         elif isinstance(module, TrainedCopy):
             replace_module(model, name, module.original_module)
+        elif isinstance(module, PromptEncoder):
+            module.detach(model)  # removes its forward pre-hook and model.prompt_encoder
     for name, param in model.named_parameters():
         param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
     del model.peft_edu_config, model.peft_edu_requires_grad
@@ -137,7 +156,8 @@ def unload(model: nn.Module) -> nn.Module:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors, keyed as in PEFT's file (without the ``base_model.model.`` prefix).
 
-    They share storage with the model's parameters, so copying into them loads an adapter.
+    They share storage with the model's parameters, so copying into them loads an adapter. Prompt-learning
+    methods have one tensor, ``prompt_embeddings`` (the prompt encoder's output, see ``virtual_tokens.py``).
     """
     state = {}
     for name, module in model.named_modules():
@@ -145,6 +165,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             own = module.adapter_state_dict()
         elif isinstance(module, TrainedCopy):
             own = module.modules_to_save.state_dict()  # saved under the head's own name, as PEFT does
+        elif isinstance(module, PromptEncoder):
+            state[PROMPT_EMBEDDINGS_KEY] = module.prompt_embeddings()  # PEFT's one key, under no module name
+            continue
         else:
             continue
         state.update({f"{name}.{key}": tensor for key, tensor in own.items()})
@@ -163,7 +186,9 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
         raise RuntimeError("Save the adapter before merging (or unmerge(model) first): a merged W₀ is no longer the base model's.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_KEY_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    prefix = _key_prefix(config)
+    tensors = {(k if k == PROMPT_EMBEDDINGS_KEY else prefix + k): v.detach().contiguous().cpu()
+               for k, v in adapter_state_dict(model).items()}
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     type(config)(**{**vars(config), "base_model_name_or_path": name_or_path, "inference_mode": True}).save(directory)
@@ -188,6 +213,10 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} does not exist (adapter_config.json is there, the weights are not).")
         saved = load_file(str(weights_path))
+    if config.is_prompt_learning:
+        # PEFT's from_pretrained loads prompt-learning adapters in inference mode: the file holds the prompt
+        # encoder's output, so a prefix_projection MLP is built as the plain table of that output (prefix_tuning.py).
+        config = dataclasses.replace(config, inference_mode=True)
     model = get_peft_model(base_model, config)
     try:
         _copy_into(model, saved, config)
@@ -199,7 +228,7 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
 
 def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftConfig) -> None:
     expected = adapter_state_dict(model)
-    given = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in saved.items()}
+    given = {k.removeprefix(_key_prefix(config)): v for k, v in saved.items()}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     if missing or unexpected:
@@ -215,7 +244,7 @@ def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftCon
     for key, target in expected.items():
         if given[key].shape != target.shape:
             # "X.query" + "lora_A.weight" -> lora_A; "X.query" + "lora_magnitude_vector" (no .weight, as PEFT)
-            module = next(n for n in reversed(owners) if key.startswith(n + "."))
+            module = next((n for n in reversed(owners) if key.startswith(n + ".")), "prompt_encoder")
             tensor = key.removeprefix(module + ".").removesuffix(".weight")
             raise ValueError(
                 f"Shape mismatch at {module}: the file has {tensor} of shape {tuple(given[key].shape)}, "
@@ -224,7 +253,10 @@ def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftCon
             )
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(given[key])
+            if key == PROMPT_EMBEDDINGS_KEY:
+                model.prompt_encoder.load_prompt_embeddings(given[key])  # refuses a prefix_projection MLP
+            else:
+                target.copy_(given[key])
 
 
 def _settings(config: PeftConfig) -> str:
@@ -234,6 +266,8 @@ def _settings(config: PeftConfig) -> str:
         return f"feedforward_modules={config.feedforward_modules!r}"
     if isinstance(config, BnConfig):
         return f"reduction_factor={config.reduction_factor!r}"
+    if config.is_prompt_learning:
+        return f"num_virtual_tokens={config.num_virtual_tokens}"
     if isinstance(config, ConfigUnion):
         return "; ".join(f"{type(c).__name__}: {_settings(c)}" for c in config.configs)
     return type(config).__name__
