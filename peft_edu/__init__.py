@@ -8,10 +8,23 @@
 """
 
 from .bottleneck import BottleneckAdapter
-from .config import BnConfig, ConfigUnion, DoubleSeqBnConfig, IA3Config, LoraConfig, ParBnConfig, PeftConfig, SeqBnConfig
+from .config import (
+    BnConfig,
+    ConfigUnion,
+    DoubleSeqBnConfig,
+    IA3Config,
+    LoraConfig,
+    ParBnConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    SeqBnConfig,
+)
 from .dora import DoraLinear
 from .ia3 import IA3Linear
 from .lora import LoraLinear
+from .prefix_tuning import PrefixEncoder
+from .prompt_tuning import PromptEmbedding
 from .model import (
     count_parameters,
     get_peft_model,
@@ -27,4 +40,5 @@ __all__ = [
     "LoraConfig", "PeftConfig", "LoraLinear", "DoraLinear", "count_parameters", "get_peft_model", "load_adapter", "merge",
     "print_trainable_parameters", "save_adapter", "unload", "unmerge", "IA3Config", "IA3Linear",
     "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "BottleneckAdapter",
+    "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding",
 ]
