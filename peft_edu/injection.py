@@ -1,20 +1,26 @@
 """How a method gets into a pretrained model: find the target modules, wrap each one.
 
-Every method of the course changes a model in one of three places, and each is reached the same
-way: ``find_targets`` names the modules, ``wrap_targets`` replaces each one by an ``AdapterLayer``
+Every method of the course changes a model in one of three places. The first two are reached the
+same way: ``find_targets`` names the modules, ``wrap_targets`` replaces each one by an ``AdapterLayer``
 that holds the original module (frozen, as ``base_layer``) and adds the method's few trainable
-parameters around it.
+parameters around it. The third wraps nothing (see ``virtual_tokens.py``).
 
 * replacing a linear layer:        LoRA, DoRA and IA³ wrap ``nn.Linear`` (the weight is untouched);
 * wrapping a sublayer's output:    bottleneck adapters wrap the attention / FFN output sublayer;
-* extending attention or inputs:   prefix tuning, P-tuning v2 and prompt tuning wrap the attention
-                                   layers or the input embedding and put virtual keys, values or
-                                   tokens in front of the real ones (their attention masks and
-                                   positions are extended to match).
+* extending attention or inputs:   prefix tuning (= P-tuning v2) and prompt tuning put virtual keys
+                                   and values, or virtual tokens, in front of the real ones. Their
+                                   trainable module is attached as ``model.prompt_encoder`` and one
+                                   forward pre-hook on a model-level ``forward`` rewrites its arguments:
+                                   the prefix goes in as ``past_key_values`` (a ``DynamicCache``), the
+                                   prompt as ``inputs_embeds``, and the attention mask, positions and
+                                   labels are extended, as PEFT's ``PeftModelFor<Task>`` does. The model
+                                   then builds masks and positions itself, for every attention
+                                   implementation and in ``generate()``; wrapping each attention layer
+                                   would have to redo that per implementation (``virtual_tokens.py``).
 
-Because the wrapper holds the original, the adapter can always be taken out again (``unload``) and
-the frozen weights are never modified (merging, see ``AdapterLayer.merge``, is the one exception and
-is undone exactly by ``unmerge``). Names follow PEFT: ``query`` becomes ``query.base_layer`` +
+Because the wrapper holds the original (and the hook is removed with the prompt encoder), the
+adapter can always be taken out again (``unload``) and the frozen weights are never modified
+(merging, see ``AdapterLayer.merge``, is the one exception and is undone exactly by ``unmerge``). Names follow PEFT: ``query`` becomes ``query.base_layer`` +
 ``query.lora_A`` ..., which is also why PEFT's adapter files map one to one onto our parameters.
 So far the course implements the first kind (LoRA and DoRA); the other methods plug into the same functions.
 """
