@@ -20,9 +20,10 @@ parameters around it. The third wraps nothing (see ``virtual_tokens.py``).
 
 Because the wrapper holds the original (and the hook is removed with the prompt encoder), the
 adapter can always be taken out again (``unload``) and the frozen weights are never modified
-(merging, see ``AdapterLayer.merge``, is the one exception and is undone exactly by ``unmerge``). Names follow PEFT: ``query`` becomes ``query.base_layer`` +
-``query.lora_A`` ..., which is also why PEFT's adapter files map one to one onto our parameters.
-So far the course implements the first kind (LoRA and DoRA); the other methods plug into the same functions.
+(merging, see ``AdapterLayer.merge``, is the one exception and is undone exactly by ``unmerge``).
+Names follow PEFT: ``query`` becomes ``query.base_layer`` + ``query.lora_A`` ..., and the prompt
+encoder's ``prompt_encoder.embedding.weight`` is PEFT's ``prompt_encoder.default.embedding.weight``,
+which is also why PEFT's adapter files map one to one onto our parameters.
 """
 
 from __future__ import annotations
