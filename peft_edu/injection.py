@@ -6,7 +6,10 @@ that holds the original module (frozen, as ``base_layer``) and adds the method's
 parameters around it. The third wraps nothing (see ``virtual_tokens.py``).
 
 * replacing a linear layer:        LoRA, DoRA and IA³ wrap ``nn.Linear`` (the weight is untouched);
-* wrapping a sublayer's output:    bottleneck adapters wrap the attention / FFN output sublayer;
+* wrapping a sublayer's output:    bottleneck adapters wrap the attention / FFN output sublayer
+                                   (BERT ``attention.output`` / ``output``, Llama ``self_attn`` / ``mlp``,
+                                   found per layer by ``bottleneck.find_sites``), plus a parameter-free
+                                   ``ResidualTap`` on the norm in front when the adapter reads x;
 * extending attention or inputs:   prefix tuning (= P-tuning v2) and prompt tuning put virtual keys
                                    and values, or virtual tokens, in front of the real ones. Their
                                    trainable module is attached as ``model.prompt_encoder`` and one
