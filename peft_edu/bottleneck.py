@@ -247,7 +247,8 @@ class BottleneckAdapter(AdapterLayer):
         self.bottleneck = bottleneck_size(config, hidden_size, layer)
         weight = next(base_layer.parameters())
         factory = {"device": weight.device, "dtype": weight.dtype}
-        # Built in AdapterHub's order (down, up, then the init), so that the same seed gives the same weights.
+        # As AdapterHub: two nn.Linear (their default init draws from the random stream), then the re-init
+        # below, down before up, so that the same seed gives the same weights.
         self.adapter_down = nn.Linear(hidden_size, self.bottleneck, **factory)
         self.non_linearity = activation(config.non_linearity)
         self.adapter_up = nn.Linear(self.bottleneck, hidden_size, **factory)
@@ -310,7 +311,7 @@ class BottleneckAdapter(AdapterLayer):
         return f"layer={self.layer}, location={self.location}, {kind}, bottleneck={self.bottleneck}, scaling={self.scaling:g}"
 
 
-def hidden_size_of(model: nn.Module, site: Site) -> int:
+def hidden_size_of(model: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
     if size is None:
         raise ValueError(f"{type(model).__name__} has no config.hidden_size; bottleneck adapters need it "
@@ -329,4 +330,4 @@ def inject_bottleneck(model: nn.Module, config: PeftConfig) -> None:
                 replace_module(model, site.residual_norm, tap)
         base = model.get_submodule(site.module)
         replace_module(model, site.module, BottleneckAdapter(
-            base, member, hidden_size_of(model, site), site.layer, site.location, site.style, residual_tap=tap))
+            base, member, hidden_size_of(model), site.layer, site.location, site.style, residual_tap=tap))
