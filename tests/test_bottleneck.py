@@ -44,6 +44,8 @@ MIXED = {
                   lambda: peft_edu.DoubleSeqBnConfig(leave_out=[0], non_linearity="gelu")),
     "union": (lambda: adapters.ConfigUnion(adapters.DoubleSeqBnConfig(leave_out=[1]), adapters.ParBnConfig(leave_out=[0])),
               lambda: peft_edu.ConfigUnion(peft_edu.DoubleSeqBnConfig(leave_out=[1]), peft_edu.ParBnConfig(leave_out=[0]))),
+    "seeded_init": (lambda: adapters.DoubleSeqBnConfig(init_weights_seed=3),  # every module reseeded: equal inits
+                    lambda: peft_edu.DoubleSeqBnConfig(init_weights_seed=3)),
     "union_serial_attention_parallel_ffn": (
         lambda: adapters.ConfigUnion(adapters.SeqBnConfig(mh_adapter=True, output_adapter=False), adapters.ParBnConfig()),
         lambda: peft_edu.ConfigUnion(peft_edu.SeqBnConfig(mh_adapter=True, output_adapter=False), peft_edu.ParBnConfig())),
@@ -342,14 +344,14 @@ def test_dropout_in_training_mode_equals_adapterhub(tmp_path, tiny_model, tiny_b
 
 
 # --- 4. peft_edu's own files ------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,config_id", [("bert_cls", "seq_bn"), ("llama", "par_bn"), ("llama", "union"),
+@pytest.mark.parametrize("kind,config_id", [("bert_cls", "seq_bn"), ("llama", "par_bn"), ("llama_cls", "union"),
                                             ("bert", "sizes_per_layer")])
 def test_save_load_round_trip_is_bit_exact(kind, config_id, tmp_path, tiny_model, tiny_batch):
     base = tiny_model(kind)
     batch = tiny_batch(kind)
     config = ALL_CONFIGS[config_id][1]()
     if kind.endswith("_cls"):
-        config = peft_edu.ConfigUnion(config, task_type="SEQ_CLS") if config_id == "union" else \
+        config = peft_edu.ConfigUnion(*config.configs, task_type="SEQ_CLS") if config_id == "union" else \
             type(config)(**{**vars(config), "task_type": "SEQ_CLS"})
     ours = peft_edu.get_peft_model(copy.deepcopy(base), config)
     randomize_trainable(ours)
@@ -368,6 +370,8 @@ def test_save_load_round_trip_is_bit_exact(kind, config_id, tmp_path, tiny_model
                       for p in ("down", "up") for t in ("weight", "bias"))
     if kind == "bert_cls":
         expected = sorted(expected + ["base_model.model.classifier.weight", "base_model.model.classifier.bias"])
+    if kind == "llama_cls":
+        expected = sorted(expected + ["base_model.model.score.weight"])
     assert keys == expected
 
     again = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
