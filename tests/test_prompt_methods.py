@@ -102,9 +102,15 @@ def left_padded(batch):
 
 
 def padded(tiny_batch, kind, side):
+    """The fixture's batch, right-padded, or left-padded with position_ids counted from each row's first real token
+    (as generate() computes them; prefix tuning shifts them by n, prompt tuning drops them, both as PEFT does)."""
     batch = tiny_batch(kind)
     assert (batch["attention_mask"] == 0).any()
-    return left_padded(batch) if side == "left" else batch
+    if side == "right":
+        return batch
+    batch = left_padded(batch)
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch
 
 
 def loss_of(out, batch):
@@ -124,10 +130,12 @@ def bert_cls(**overrides):
     return BertForSequenceClassification(BertConfig(**{**config, **overrides})).eval()
 
 
-def greedy(model, batch, new=8):
+def greedy(model, batch, new=8, logits=False):
+    """Greedy generate(); with ``logits``, also each step's logits (B, steps, vocab), a finer check than the ids."""
     with torch.no_grad():
-        return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=new,
-                              do_sample=False, pad_token_id=0)
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=new,
+                             do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    return (out.sequences, torch.stack(out.logits, dim=1)) if logits else out.sequences
 
 
 PREFIX = "PrefixTuningConfig"
@@ -386,16 +394,20 @@ def test_generate_equals_peft_and_uses_the_virtual_tokens(method, extra, tiny_mo
     ours, theirs = make_pair(base, method, num_virtual_tokens=N, task_type="CAUSAL_LM", **extra)
     randomize_and_copy(theirs, ours)
     batch = left_padded(tiny_batch("llama"))
-    generated = greedy(ours, batch)
+    generated, logits = greedy(ours, batch, logits=True)
     assert generated.shape == (3, batch["input_ids"].shape[1] + 8)
-    assert torch.equal(generated, greedy(theirs, batch))
+    theirs_generated, theirs_logits = greedy(theirs, batch, logits=True)
+    assert torch.equal(generated, theirs_generated)
+    assert_close(logits, theirs_logits)  # every step's logits, not only their argmax
     assert not torch.equal(generated, greedy(base, batch))  # the virtual tokens are used while generating
     if method == PREFIX:  # positions and mask are right in every step: each row as if generated alone
         mask = batch["attention_mask"]
         for i in range(3):
-            alone = greedy(ours, {"input_ids": batch["input_ids"][i][mask[i] == 1][None],
-                                  "attention_mask": torch.ones(1, int(mask[i].sum()), dtype=torch.long)})
+            alone, alone_logits = greedy(ours, {"input_ids": batch["input_ids"][i][mask[i] == 1][None],
+                                                "attention_mask": torch.ones(1, int(mask[i].sum()), dtype=torch.long)},
+                                         logits=True)
             assert torch.equal(generated[i, -8:], alone[0, -8:])
+            assert_close(logits[i], alone_logits[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("method", [PREFIX, PROMPT])
