@@ -26,7 +26,7 @@ from .ia3 import inject_ia3
 from .lora import inject_lora
 from .prefix_tuning import inject_prefix_tuning
 from .prompt_tuning import inject_prompt_tuning
-from .virtual_tokens import PROMPT_EMBEDDINGS_KEY, PromptEncoder
+from .virtual_tokens import PROMPT_EMBEDDINGS_KEY, BasePromptEncoder
 
 # One injector per method: each wraps the modules its method adapts (see injection.py).
 INJECTORS = {"LORA": inject_lora, "IA3": inject_ia3, "BOTTLENECK": inject_bottleneck,
@@ -144,7 +144,7 @@ def unload(model: nn.Module) -> nn.Module:
             replace_module(model, name, module.base_layer)
         elif isinstance(module, TrainedCopy):
             replace_module(model, name, module.original_module)
-        elif isinstance(module, PromptEncoder):
+        elif isinstance(module, BasePromptEncoder):
             module.detach(model)  # removes its forward pre-hook and model.prompt_encoder
     for name, param in model.named_parameters():
         param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
@@ -165,7 +165,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             own = module.adapter_state_dict()
         elif isinstance(module, TrainedCopy):
             own = module.modules_to_save.state_dict()  # saved under the head's own name, as PEFT does
-        elif isinstance(module, PromptEncoder):
+        elif isinstance(module, BasePromptEncoder):
             state[PROMPT_EMBEDDINGS_KEY] = module.prompt_embeddings()  # PEFT's one key, under no module name
             continue
         else:

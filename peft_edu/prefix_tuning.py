@@ -63,7 +63,7 @@ from transformers import DynamicCache
 
 from .config import PrefixTuningConfig
 from .virtual_tokens import (
-    PromptEncoder,
+    BasePromptEncoder,
     batch_size_of,
     cache_is_empty,
     drop_with_warning,
@@ -72,7 +72,7 @@ from .virtual_tokens import (
 )
 
 
-class PrefixEncoder(PromptEncoder):
+class PrefixEncoder(BasePromptEncoder):
     """The trainable prefix: ``forward()`` gives P, shape (n, 2·L·d_kv) (PEFT's ``PrefixEncoder``, same parameter names)."""
 
     def __init__(self, config: PrefixTuningConfig):

@@ -42,7 +42,7 @@ from torch import nn
 
 from .config import PromptTuningConfig
 from .virtual_tokens import (
-    PromptEncoder,
+    BasePromptEncoder,
     batch_size_of,
     cache_is_empty,
     drop_with_warning,
@@ -76,7 +76,7 @@ def init_token_ids(config: PromptTuningConfig, vocab_size: int) -> torch.Tensor 
     return None
 
 
-class PromptEmbedding(PromptEncoder):
+class PromptEmbedding(BasePromptEncoder):
     """The soft prompt: ``forward()`` gives P, shape (n, d) (PEFT's ``PromptEmbedding``, same parameter name)."""
 
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Embedding):

@@ -105,8 +105,9 @@ def drop_with_warning(kwargs: dict, key: str, why: str) -> None:
         kwargs[key] = None
 
 
-class PromptEncoder(nn.Module):
-    """Base class of the modules that compute virtual tokens (PEFT's ``BasePromptEncoder``).
+class BasePromptEncoder(nn.Module):
+    """Base class of the modules that compute virtual tokens (PEFT's ``BasePromptEncoder``; PEFT's ``PromptEncoder``
+    is P-tuning v1's LSTM/MLP encoder, which peft_edu does not implement).
 
     ``forward()`` returns the n virtual tokens of one example, shape (n, width); ``hook_target`` names the
     module whose forward gets the pre-hook and ``rewrite`` changes that call's arguments.
