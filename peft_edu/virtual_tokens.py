@@ -199,6 +199,6 @@ def resolve_config(model: nn.Module, config: PromptLearningConfig, key_value_dim
             raise ValueError(f"{type(config).__name__} has {name}={given}, but {type(model).__name__} needs {name}={value}. "
                              "Was the adapter made for another base model? Leave it None to take the model's value.")
     resolved = dataclasses.replace(config, num_transformer_submodules=1, **derived)
-    if getattr(resolved, "encoder_hidden_size", 0) is None:
+    if hasattr(resolved, "encoder_hidden_size") and resolved.encoder_hidden_size is None:  # prefix tuning's MLP width
         resolved = dataclasses.replace(resolved, encoder_hidden_size=resolved.token_dim)
     return resolved

@@ -195,6 +195,21 @@ def test_other_tasks_equal_peft(method, extra, kind, task_type, side, tiny_model
     assert_close(forward(ours, batch), forward(theirs, batch))
 
 
+@pytest.mark.parametrize("kind,task_type", [("bert_cls", "SEQ_CLS"), ("bert", "FEATURE_EXTRACTION")])
+@pytest.mark.parametrize("method", [PREFIX, PROMPT])
+def test_sentence_pair_token_type_ids_equal_peft(method, kind, task_type, tiny_model, tiny_batch):
+    """SEQ_CLS keeps token_type_ids (prompt tuning puts n zeros in front); other tasks drop them, as PEFT does."""
+    base = tiny_model(kind)
+    ours, theirs = make_pair(base, method, num_virtual_tokens=N, task_type=task_type)
+    randomize_and_copy(theirs, ours)
+    batch = tiny_batch(kind)
+    batch["token_type_ids"] = (torch.arange(8) >= 3).long().expand(3, -1) * batch["attention_mask"]
+    with_types = forward(ours, batch)
+    assert_close(with_types, forward(theirs, batch))
+    without = forward(ours, {k: v for k, v in batch.items() if k != "token_type_ids"})
+    assert torch.allclose(with_types, without) == (task_type != "SEQ_CLS")
+
+
 def test_inputs_embeds_and_positional_input_ids(tiny_model, tiny_batch):
     """Arguments arrive by name or position (BertForSequenceClassification calls self.bert(input_ids, ...))."""
     base = tiny_model("llama")
