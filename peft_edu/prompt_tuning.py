@@ -28,6 +28,9 @@ Two consequences of matching PEFT that are worth knowing:
 * With left padding the real tokens' positions count the pads (position_ids derived from the mask are
   dropped), so a left-padded row is not exactly the same computation as the row alone. Right padding is
   exact for causal LMs.
+* Decoder classifiers (``LlamaForSequenceClassification``) then get no ``input_ids``, so transformers cannot find
+  the last non-pad token and pools the last position, which with right padding is a pad (it warns). Use left
+  padding there.
 * ``generate()`` works through the same hook: on the first step (empty cache) the prompt goes in front of
   the input embeddings; later steps find it in the cache. The generated ids do not include the n virtual
   tokens (transformers returns the prompt ids it was given plus the new ones).
