@@ -638,7 +638,7 @@ def _dora_forward_judge(q: dict, observed: dict) -> None:
             _fail(f"The output should have shape {tuple(want.shape)} (batch, tokens, d_out), yours has {tuple(got.shape)}.")
         x, W0, A, B, m, s = q["x"], q["W0"], q["A"], q["B"], q["m"], q["alpha"] / q["r"]
         V = W0 + s * (B @ A)
-        if _close(got, x @ (m[None, :] * V / torch.linalg.vector_norm(V, dim=0, keepdim=True)).T) or \
+        if _close(got, x @ (m[:, None] * V / torch.linalg.vector_norm(V, dim=0, keepdim=True)).T) or \
                 _close(got, x @ (V / torch.linalg.vector_norm(V, dim=0, keepdim=True)).T * m):
             _fail("You normalised over the wrong axis (one norm per input feature); DoRA takes one norm per output "
                   "feature, over d_in (dim=1 of W0's (d_out, d_in)).")
