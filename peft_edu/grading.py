@@ -15,7 +15,8 @@ file before they are read, and reach anything the grader can. Here the work is s
    chapter's experiments, tagged ``otter_ignore``, are skipped), then each exercise's *probe* calls
    the learner's function or class on inputs drawn by the grader and saves what came back, as
    safetensors and JSON (data only, never pickle). The sandbox has no network, a read-only view of
-   the machine, an empty /tmp, no access to the submissions folder or the gradebook, no
+   the machine (its only writable folder is its own scratch folder, which is also its HOME and
+   TMPDIR), no access to the submissions folder or the gradebook, no
    capabilities, a per-cell and a per-notebook time limit, a memory limit and a cap on the output
    it keeps;
 2. **judge** (trusted, in this process): each exercise's *judge* compares those values with the
@@ -195,18 +196,22 @@ def run_submission(inputs: Path, outputs: Path) -> None:
 
 # --- outside: the sandbox, the judge, the gradebook ---------------------------------------------
 def sandbox_command(inputs: Path, outputs: Path, hidden: list[Path], timeout_s: int) -> list[str]:
-    """bubblewrap: read-only machine, private /tmp, ``hidden`` folders masked, only ``outputs`` writable,
-    no network, no capabilities, an unprivileged user."""
+    """bubblewrap: read-only machine, ``hidden`` folders masked, only ``outputs`` writable (and used as
+    HOME and TMPDIR), no network, no capabilities, an unprivileged user.
+
+    The machine's /tmp stays visible (read-only): the course itself may live there, as in a CI clone.
+    """
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise RuntimeError("Grading needs bubblewrap for its sandbox: install it with `apt-get install bubblewrap`.")
     masks = [arg for folder in hidden for arg in ("--tmpfs", str(folder.resolve()))]
     return ["timeout", "--kill-after=5", str(timeout_s), "prlimit", f"--as={_bytes(MEMORY_LIMIT)}", "--",
-            bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *masks,
+            bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *masks,
             "--ro-bind", str(inputs), str(inputs), "--bind", str(outputs), str(outputs), "--chdir", str(outputs),
             "--unshare-all", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
             "--die-with-parent", "--new-session",
-            "--setenv", "HOME", "/tmp", "--setenv", "MPLBACKEND", "Agg", "--setenv", "HF_HUB_OFFLINE", "1",
+            "--setenv", "HOME", str(outputs), "--setenv", "TMPDIR", str(outputs),
+            "--setenv", "MPLBACKEND", "Agg", "--setenv", "HF_HUB_OFFLINE", "1",
             "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
             sys.executable, "-m", "peft_edu.grading", "--run-submission", str(inputs), str(outputs)]
 
