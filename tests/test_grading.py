@@ -1,23 +1,21 @@
 """Local grading (`make grade`): every hostile submission scores what its real answers earn.
 
-Submissions are built from the LoRA master notebook the way a student's looks: solutions replaced
-by answers (right or wrong), test cells replaced by `grader.check` calls, plus hostile cells.
+Submissions are built from the LoRA master notebook the way a student's looks (tests/grading_helpers.py):
+solutions replaced by answers (right or wrong), test cells replaced by `grader.check` calls, plus hostile cells.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import grading_helpers
 import nbformat
-import pytest
+from grading_helpers import needs_bwrap
 
-from peft_edu.grading import grade_folder, questions_of
+from peft_edu.grading import questions_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = ROOT / "notebooks" / "lora.ipynb"
@@ -36,53 +34,15 @@ RIGHT = {
 }
 WRONG_FORWARD = "def lora_forward(x, W0, A, B, alpha, r):\n    return x @ W0.T + alpha * (x @ A.T @ B.T)"
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="grading needs bubblewrap (make setup installs it: apt-get install bubblewrap)")
+pytestmark = needs_bwrap
 
 
-def submission(answers: dict[str, str], before: list[str] = (), after: list[str] = ()) -> nbformat.NotebookNode:
-    """A student's notebook: the master's cells with `answers` in place of the solutions."""
-    master = nbformat.read(MASTER, as_version=4)
-    cells, question, in_solution, in_tests = [], None, False, False
-    for cell in master.cells:
-        if cell.cell_type == "raw":
-            text = cell.source
-            if text.startswith("# BEGIN QUESTION"):
-                question = text.split("name:")[1].split()[0]
-            in_solution = {"# BEGIN SOLUTION": True, "# END SOLUTION": False}.get(text.strip(), in_solution)
-            if text.strip() == "# BEGIN TESTS":
-                in_tests = True
-            if text.strip() == "# END TESTS":
-                in_tests = False
-                cells.append(nbformat.v4.new_code_cell(f'grader.check("{question}")'))
-            continue
-        if in_tests:
-            continue
-        if in_solution:
-            cell = nbformat.v4.new_code_cell(answers.get(question, "..."))
-        cells.append(cell)
-    setup = next(i for i, c in enumerate(cells) if c.cell_type == "code")
-    cells[setup + 1:setup + 1] = [nbformat.v4.new_code_cell(s) for s in before]
-    cells += [nbformat.v4.new_code_cell(s) for s in after]
-    cells.insert(0, nbformat.v4.new_code_cell('import otter\ngrader = otter.Notebook("lora.ipynb")'))
-    return nbformat.v4.new_notebook(cells=cells, metadata=master.metadata)
+def submission(answers: dict[str, str], before: list[str] = (), after: list[str] = ()):
+    return grading_helpers.submission(MASTER, answers, before, after)
 
 
-def grade(tmp_path: Path, notebooks: dict[str, nbformat.NotebookNode | str], **limits) -> dict[str, dict[str, float]]:
-    folder = tmp_path / "submissions"
-    folder.mkdir(parents=True)
-    for name, nb in notebooks.items():
-        (folder / f"{name}.ipynb").write_text(nb if isinstance(nb, str) else nbformat.writes(nb))
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-    grade_folder(MASTER, folder, tmp_path / "out", **limits)
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-    assert after == before, "grading modified a submission"
-    scores: dict[str, dict[str, float]] = {}
-    with open(tmp_path / "out" / "gradebook.csv") as f:
-        for row in csv.DictReader(f):
-            scores.setdefault(row["student"], {})[row["question"]] = float(row["points"])
-            assert float(row["max_points"]) == FULL[row["question"]]
-    return scores
+def grade(tmp_path: Path, notebooks: dict, **limits) -> dict[str, dict[str, float]]:
+    return grading_helpers.grade(tmp_path, MASTER, notebooks, **limits)
 
 
 def test_questions_come_from_the_master_notebook():

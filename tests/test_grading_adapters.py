@@ -1,19 +1,15 @@
 """Sandboxed grading (`make grade CHAPTER=adapters`) of the adapters chapter: right, blank, wrong, corrupt.
 
-Submissions are built from the chapter's master notebook as in ``tests/test_grading.py``: solutions replaced
-by answers, test cells by ``grader.check`` calls.
+Submissions are built from the chapter's master notebook by ``tests/grading_helpers.py``.
 """
 
 from __future__ import annotations
 
-import csv
-import shutil
 from pathlib import Path
 
-import nbformat
-import pytest
+from grading_helpers import grade, needs_bwrap, submission
 
-from peft_edu.grading import grade_folder, questions_of
+from peft_edu.grading import questions_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = ROOT / "notebooks" / "adapters.ipynb"
@@ -31,33 +27,7 @@ WRONG = {
     "q3": "def ia3_scale_ffn(x, W, b, l):\n    return (x @ W.T + b) * l",
 }
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="grading needs bubblewrap (make setup installs it: apt-get install bubblewrap)")
-
-
-def submission(answers: dict[str, str]) -> nbformat.NotebookNode:
-    """A student's notebook: the master's cells with `answers` in place of the solutions."""
-    master = nbformat.read(MASTER, as_version=4)
-    cells, question, in_solution, in_tests = [], None, False, False
-    for cell in master.cells:
-        if cell.cell_type == "raw":
-            text = cell.source
-            if text.startswith("# BEGIN QUESTION"):
-                question = text.split("name:")[1].split()[0]
-            in_solution = {"# BEGIN SOLUTION": True, "# END SOLUTION": False}.get(text.strip(), in_solution)
-            if text.strip() == "# BEGIN TESTS":
-                in_tests = True
-            if text.strip() == "# END TESTS":
-                in_tests = False
-                cells.append(nbformat.v4.new_code_cell(f'grader.check("{question}")'))
-            continue
-        if in_tests:
-            continue
-        if in_solution:
-            cell = nbformat.v4.new_code_cell(answers.get(question, "..."))
-        cells.append(cell)
-    cells.insert(0, nbformat.v4.new_code_cell('import otter\ngrader = otter.Notebook("adapters.ipynb")'))
-    return nbformat.v4.new_notebook(cells=cells, metadata=master.metadata)
+pytestmark = needs_bwrap
 
 
 def test_questions_come_from_the_master_notebook():
@@ -66,19 +36,11 @@ def test_questions_come_from_the_master_notebook():
 
 
 def test_right_blank_wrong_and_corrupt_submissions(tmp_path):
-    folder = tmp_path / "submissions"
-    folder.mkdir()
-    notebooks = {"right": submission(RIGHT), "blank": submission({}),
-                 **{f"wrong_{q}": submission(RIGHT | {q: answer}) for q, answer in WRONG.items()}}
-    for name, nb in notebooks.items():
-        (folder / f"{name}.ipynb").write_text(nbformat.writes(nb))
-    (folder / "corrupt.ipynb").write_text('{"cells": [ this is not json')
-    grade_folder(MASTER, folder, tmp_path / "out")
-    scores: dict[str, dict[str, float]] = {}
-    with open(tmp_path / "out" / "gradebook.csv") as f:
-        for row in csv.DictReader(f):
-            scores.setdefault(row["student"], {})[row["question"]] = float(row["points"])
-            assert float(row["max_points"]) == FULL[row["question"]]
+    scores = grade(tmp_path, MASTER, {
+        "right": submission(MASTER, RIGHT), "blank": submission(MASTER, {}),
+        **{f"wrong_{q}": submission(MASTER, RIGHT | {q: answer}) for q, answer in WRONG.items()},
+        "corrupt": '{"cells": [ this is not json',
+    })
     assert scores["right"] == FULL
     assert scores["blank"] == dict.fromkeys(FULL, 0.0)
     assert scores["corrupt"] == dict.fromkeys(FULL, 0.0)
