@@ -16,7 +16,7 @@ import torch
 from peft_edu import checks
 from peft_edu.checks import CheckFailed
 
-from test_checks import assert_helpful, read_questions, run_cells, student_stub
+from notebook_helpers import assert_helpful, read_questions, rejected, run_cells, student_stub
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "adapters.ipynb"
 NB_QUESTIONS = read_questions(NOTEBOOK)
@@ -37,12 +37,6 @@ def stub(q):
 
 def seeds(q):
     return [0] + NB_QUESTIONS[q].hidden_seeds
-
-
-def rejected(check, answer, seed):
-    with pytest.raises(CheckFailed) as info:
-        check(answer, seed=seed)
-    return str(info.value)
 
 
 SEED_CASES = [pytest.param(q, s, id=f"{q}-seed{s}") for q in QUESTIONS for s in seeds(q)]

@@ -16,7 +16,7 @@ import torch
 
 from peft_edu import checks
 
-from test_checks import assert_helpful, read_questions, rejected, run_cells, student_stub
+from notebook_helpers import assert_helpful, read_questions, rejected, run_cells, student_stub
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "dora.ipynb"
 NB_QUESTIONS = read_questions(NOTEBOOK)

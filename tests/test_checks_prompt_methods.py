@@ -10,19 +10,12 @@ recognise it, the generic one where it does not.
 from __future__ import annotations
 
 import re
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
-import yaml
 
-with warnings.catch_warnings():  # otter's imports trip a traitlets DeprecationWarning that is not ours
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from otter.assign.solutions import replace_solutions
-    from otter.utils import get_source
+from notebook_helpers import assert_helpful, read_questions, rejected, run_cells, student_stub
 
 import peft
 from peft_edu import virtual_tokens
@@ -40,52 +33,7 @@ QUESTIONS = {
 }
 
 
-@dataclass
-class Question:
-    name: str
-    solution: list[str] = field(default_factory=list)
-    public_tests: list[str] = field(default_factory=list)
-    hidden_tests: list[str] = field(default_factory=list)
-
-    @property
-    def hidden_seeds(self) -> list[int]:
-        return [int(seed) for test in self.hidden_tests for seed in re.findall(r"\bseed\s*=\s*(\d+)", test)]
-
-
-def read_questions(path: Path = NOTEBOOK) -> dict[str, Question]:
-    nb = nbformat.read(path, as_version=4)
-    questions: dict[str, Question] = {}
-    question, block = None, None
-    for cell in nb.cells:
-        first = cell.source.lstrip().split("\n", 1)[0].strip() if cell.source.strip() else ""
-        if cell.cell_type == "raw" and first.startswith("# BEGIN QUESTION"):
-            config = yaml.safe_load(cell.source.split("\n", 1)[1])
-            question = questions[config["name"]] = Question(config["name"])
-        elif cell.cell_type == "raw" and first == "# END QUESTION":
-            question = None
-        elif cell.cell_type == "raw" and first in ("# BEGIN SOLUTION", "# BEGIN TESTS"):
-            block = first.split()[-1]
-        elif cell.cell_type == "raw" and first in ("# END SOLUTION", "# END TESTS"):
-            block = None
-        elif question is not None and cell.cell_type == "code" and block == "SOLUTION":
-            question.solution.append(cell.source)
-        elif question is not None and cell.cell_type == "code" and block == "TESTS":
-            (question.hidden_tests if first == "# HIDDEN" else question.public_tests).append(cell.source)
-    return questions
-
-
-NB_QUESTIONS = read_questions()
-
-
-def student_stub(source: str) -> str:
-    return "\n".join(replace_solutions(get_source(nbformat.v4.new_code_cell(source)), "python"))
-
-
-def run_cells(sources: list[str]) -> dict:
-    namespace = {"torch": torch, "__name__": "__notebook__"}
-    for source in sources:
-        exec(compile(source, "<notebook cell>", "exec"), namespace)
-    return namespace
+NB_QUESTIONS = read_questions(NOTEBOOK)
 
 
 def reference(q: str):
@@ -98,16 +46,6 @@ def stub(q: str):
 
 def seeds(q: str) -> list[int]:
     return [0] + NB_QUESTIONS[q].hidden_seeds
-
-
-def rejected(check, answer, seed: int) -> str:
-    with pytest.raises(CheckFailed) as info:
-        check(answer, seed=seed)
-    return str(info.value)
-
-
-def assert_helpful(message: str) -> None:
-    assert message.strip() and "Traceback" not in message and not message.startswith("'NoneType'"), message
 
 
 SEED_CASES = [pytest.param(q, seed, id=f"{q}-seed{seed}") for q in QUESTIONS for seed in seeds(q)]
