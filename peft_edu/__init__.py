@@ -14,6 +14,7 @@ from .config import (
     DoubleSeqBnConfig,
     IA3Config,
     LoraConfig,
+    MAMConfig,
     ParBnConfig,
     PeftConfig,
     PrefixTuningConfig,
@@ -39,6 +40,6 @@ from .model import (
 __all__ = [
     "LoraConfig", "PeftConfig", "LoraLinear", "DoraLinear", "count_parameters", "get_peft_model", "load_adapter", "merge",
     "print_trainable_parameters", "save_adapter", "unload", "unmerge", "IA3Config", "IA3Linear",
-    "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "BottleneckAdapter",
+    "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "MAMConfig", "BottleneckAdapter",
     "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding",
 ]

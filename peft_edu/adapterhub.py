@@ -14,6 +14,11 @@
   ``head_config.json`` and ``pytorch_model_head.bin`` / ``model_head.safetensors``: every parameter outside the
   base model (``classifier.*``, ``score.weight``, ``lm_head.weight``).
 
+* a prefix tuning (alone, or in a union such as ``MAMConfig``): its module ``wte`` + ``control_trans`` (the MLP) or,
+  with ``flat=True``, the table ``control_trans``, under ``...prefix_tuning.pool.prefix_tunings.<name>.self_prefix.``
+  (once per layer, all the same tensors). It is read as its output P, the form PEFT's files store, and loaded as a
+  member of a ConfigUnion, whose prefix is placed as AdapterHub places it (``prefix_tuning.py``).
+
 The conversion maps each adapter to the site with the same layer index and location (so an adapter saved from
 ``BertForSequenceClassification`` loads into ``BertModel`` too), and the head as PEFT would hold it: a
 classification head (``classifier``, ``score``) becomes ``task_type="SEQ_CLS"`` (trained, like AdapterHub's),
@@ -32,7 +37,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .bottleneck import find_sites
-from .config import CLASSIFIER_HEAD_NAMES, BnConfig, ConfigUnion, PeftConfig
+from .config import CLASSIFIER_HEAD_NAMES, BnConfig, ConfigUnion, PeftConfig, PrefixTuningConfig
+from .virtual_tokens import PROMPT_EMBEDDINGS_KEY
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -48,6 +54,31 @@ _INERT = {"phm_dim", "factorized_phm_W", "shared_W_phm", "shared_phm_rule", "fac
 _KEY = re.compile(r"(?:^|.*\.)(?P<layer>\d+)\.(?P<path>attention\.output\.adapters|output\.adapters|"
                   r"attention_adapters\.adapters|output_adapters\.adapters)\.(?P<name>[^.]+)\."
                   r"(?P<proj>adapter_down\.0|adapter_up)\.(?P<kind>weight|bias)$")
+
+
+# The prefix module sits in a pool that every layer references: the same tensors under several names.
+_PREFIX_KEY = re.compile(r"(?:^|.*\.)prefix_tuning\.(?:pool\.)?prefix_tunings\.(?P<name>[^.]+)\.(?P<location>[^.]+)\."
+                         r"(?P<param>wte\.weight|control_trans|control_trans\.[02]\.(?:weight|bias))$")
+
+
+def _prefix_tensors(weights: dict[str, torch.Tensor], name: str | None) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for key, tensor in weights.items():
+        match = _PREFIX_KEY.fullmatch(key)
+        if match is None:
+            continue
+        if match["location"] not in ("self_prefix", "self"):
+            raise ValueError(f"The AdapterHub file has a prefix at {match['location']!r} ({key!r}); peft_edu places a "
+                             "prefix in the self-attention of an encoder-only or decoder-only model.")
+        if name and match["name"] != name:
+            raise ValueError(f"The AdapterHub file has a prefix of the adapter {match['name']!r}, its config names "
+                             f"{name!r}: {key!r}.")
+        if match["param"] in found and not torch.equal(found[match["param"]], tensor):
+            raise ValueError(f"The AdapterHub file holds two different prefixes ({key!r}); peft_edu expects one.")
+        found[match["param"]] = tensor
+    if not found:
+        raise ValueError("The AdapterHub config has a prefix tuning, but its file holds no prefix tensors.")
+    return found
 
 
 def is_adapterhub_directory(directory: str | Path) -> bool:
@@ -68,11 +99,15 @@ def config_from_adapterhub_dict(d: dict, **fields) -> PeftConfig:
         raise ValueError(f"AdapterHub's adapter_config.json has config={d!r}; expected the adapter's fields.")
     architecture = d.get("architecture")
     if architecture == "union":
-        members = [config_from_adapterhub_dict(c) for c in d["configs"]]
+        members = [_prefix_config(c, fields.get("task_type")) if c.get("architecture") == "prefix_tuning"
+                   else config_from_adapterhub_dict(c) for c in d["configs"]]
         return ConfigUnion(*members, **fields)
+    if architecture == "prefix_tuning":  # a union of one: placed as AdapterHub places it (see _prefix_config)
+        return ConfigUnion(_prefix_config(d, fields.get("task_type")), **fields)
     if architecture not in (None, "bottleneck"):
         raise ValueError(f"This AdapterHub adapter is a {architecture!r} adapter; peft_edu reads AdapterHub's "
-                         "bottleneck adapters (BnConfig, SeqBnConfig, DoubleSeqBnConfig, ParBnConfig, and unions of them).")
+                         "bottleneck adapters (BnConfig, SeqBnConfig, DoubleSeqBnConfig, ParBnConfig), and unions of "
+                         "them with one prefix tuning (MAMConfig).")
     known = {f.name for f in dataclasses.fields(BnConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
     kwargs, unsupported = {}, []
     for key, value in d.items():
@@ -86,6 +121,34 @@ def config_from_adapterhub_dict(d: dict, **fields) -> PeftConfig:
     if unsupported:
         raise ValueError(f"The AdapterHub adapter uses options peft_edu does not implement: {', '.join(unsupported)}.")
     return BnConfig(**kwargs, **fields)
+
+
+def _prefix_config(d: dict, task_type: str | None = None) -> PrefixTuningConfig:
+    """AdapterHub's PrefixTuningConfig as ours, always as a member of a ConfigUnion: AdapterHub leaves the positions
+    of the real tokens as they are, as peft_edu does for a prefix in a union (a PrefixTuningConfig alone follows
+    PEFT, which shifts them by n, and would not give AdapterHub's outputs)."""
+    off = {"dropout": 0.0, "use_gating": False, "leave_out": []}
+    unsupported = [f"{k}={d.get(k)!r}" for k, v in off.items() if d.get(k, v) != v]
+    if not d.get("flat", False) and d.get("non_linearity", "tanh").lower() != "tanh":
+        unsupported.append(f"non_linearity={d['non_linearity']!r}")
+    known = {"architecture", "prefix_length", "flat", "bottleneck_size", "non_linearity", "encoder_prefix",
+             "cross_prefix", "shared_gating", "init_weights_seed", *off}
+    unsupported += [f"{k}={v!r}" for k, v in d.items() if k not in known]
+    if unsupported:
+        raise ValueError(f"The AdapterHub prefix tuning uses options peft_edu does not implement: {', '.join(unsupported)} "
+                         "(peft_edu's prefix has no dropout, gating or left-out layers, and its MLP uses tanh).")
+    return PrefixTuningConfig(num_virtual_tokens=d["prefix_length"], prefix_projection=not d.get("flat", False),
+                              encoder_hidden_size=None if d.get("flat", False) else d.get("bottleneck_size"),
+                              task_type=task_type)
+
+
+def _prefix_table(tensors: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+    """P, shape (n, 2·L·d_kv), from AdapterHub's prefix module: its flat table, or its MLP applied to its embedding
+    (AdapterHub's ``eject``); the same layout as PEFT's ``prompt_embeddings``."""
+    if "control_trans" in tensors:  # flat=True
+        return tensors["control_trans"].view(length, -1)
+    hidden = torch.tanh(tensors["wte.weight"] @ tensors["control_trans.0.weight"].T + tensors["control_trans.0.bias"])
+    return hidden @ tensors["control_trans.2.weight"].T + tensors["control_trans.2.bias"]
 
 
 def _load_tensors(directory: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
@@ -151,8 +214,15 @@ def read_adapterhub_directory(base_model: nn.Module, directory: str | Path) -> t
 
     head = _load_tensors(directory, HEAD_WEIGHTS_NAMES)
     task_type, to_save, tensors = _head(base_model, head, directory) if head else (None, None, {})
+    if task_type is None and "prefix_tuning" in json.dumps(saved.get("config")):  # a prefix needs a task type
+        task_type = "CAUSAL_LM" if base_model.get_output_embeddings() is not None else "FEATURE_EXTRACTION"
     config = config_from_adapterhub_dict(saved.get("config"), task_type=task_type, modules_to_save=to_save)
 
+    prefix = next((c for c in getattr(config, "configs", []) if isinstance(c, PrefixTuningConfig)), None)
+    if prefix is not None:
+        tensors[PROMPT_EMBEDDINGS_KEY] = _prefix_table(_prefix_tensors(weights, saved.get("name")),
+                                                       prefix.num_virtual_tokens)
+        weights = {k: v for k, v in weights.items() if not _PREFIX_KEY.fullmatch(k)}
     sites = {(s.layer, s.adapterhub_path): s for s in find_sites(base_model)}
     name = saved.get("name")
     for key, tensor in weights.items():

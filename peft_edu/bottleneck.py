@@ -49,7 +49,9 @@ wraps the norm in front of the sublayer (``input_layernorm``, ``post_attention_l
 and hands it over. Both wrappers keep the original module as ``base_layer``: ``unload`` restores the model.
 
 Mixed adapters: a ``BnConfig`` has ``leave_out`` and per-layer ``reduction_factor``s; a ``ConfigUnion`` of
-bottleneck configs gives each layer and location its own kind (one member per location).
+bottleneck configs gives each layer and location its own kind (one member per location). A union may also hold
+one ``PrefixTuningConfig`` (``prefix_tuning.py`` adds it): He et al.'s mix-and-match, ``MAMConfig``, is a prefix in
+every attention layer plus a parallel adapter next to every FFN.
 """
 
 from __future__ import annotations

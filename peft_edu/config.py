@@ -304,11 +304,20 @@ class ParBnConfig(BnConfig):
 class ConfigUnion(PeftConfig):
     """Several adapter configs in one model, AdapterHub's ``ConfigUnion(config_a, config_b, ...)``.
 
-    For now the members are bottleneck configs: "mixed" adapters, a different kind or size per layer, e.g.
-    ``ConfigUnion(DoubleSeqBnConfig(leave_out=[4, 5]), ParBnConfig(leave_out=[0, 1, 2, 3]))``. Each (layer,
-    location) may get an adapter from one member only. He et al.'s mix-and-match (AdapterHub's ``MAMConfig``) is
-    ``ConfigUnion(PrefixTuningConfig(...), ParBnConfig())``, possible once prefix tuning is a member type.
-    task_type and modules_to_save belong to the union, not to its members.
+    Members are bottleneck configs and at most one ``PrefixTuningConfig``:
+
+    * "mixed" adapters, a different kind or size per layer, e.g.
+      ``ConfigUnion(DoubleSeqBnConfig(leave_out=[4, 5]), ParBnConfig(leave_out=[0, 1, 2, 3]))``; each (layer,
+      location) may get a bottleneck adapter from one member only;
+    * He et al.'s mix-and-match (arXiv 2110.04366), prefix tuning at the attention plus a parallel adapter at the
+      FFN: ``MAMConfig`` below, AdapterHub's ``ConfigUnion(PrefixTuningConfig(...), ParBnConfig())``.
+
+    A union is AdapterHub's way of combining methods, and its members are placed as AdapterHub places them. For
+    the prefix that means one difference from a ``PrefixTuningConfig`` used alone (which follows PEFT): the real
+    tokens keep the positions 0, 1, ... they have without a prefix, where PEFT numbers them after the n virtual
+    tokens (see ``peft_edu.prefix_tuning``).
+    task_type and modules_to_save belong to the union; a prefix member, which needs a task_type of its own (it
+    decides what happens to token_type_ids), must repeat the union's.
     """
 
     configs: list = field(default_factory=list)
@@ -325,11 +334,19 @@ class ConfigUnion(PeftConfig):
         if not self.configs:
             raise ValueError("ConfigUnion() needs at least one config, e.g. ConfigUnion(SeqBnConfig(), ParBnConfig()).")
         for c in self.configs:
-            if not isinstance(c, BnConfig):
-                raise TypeError(f"ConfigUnion combines bottleneck configs (BnConfig and its presets) for now, not "
-                                f"{type(c).__name__}.")
-            if c.task_type is not None or c.modules_to_save is not None:
+            if isinstance(c, PrefixTuningConfig):
+                if c.task_type != self.task_type or c.modules_to_save is not None:
+                    raise ValueError(
+                        f"The PrefixTuningConfig member has task_type={c.task_type!r}, the ConfigUnion "
+                        f"task_type={self.task_type!r}: give both the same task_type (modules_to_save to the union "
+                        "only). MAMConfig(task_type=...) does this for you.")
+            elif not isinstance(c, BnConfig):
+                raise TypeError(f"ConfigUnion combines bottleneck configs (BnConfig and its presets) and one "
+                                f"PrefixTuningConfig, not {type(c).__name__}.")
+            elif c.task_type is not None or c.modules_to_save is not None:
                 raise ValueError("Give task_type and modules_to_save to the ConfigUnion, not to its members.")
+        if sum(isinstance(c, PrefixTuningConfig) for c in self.configs) > 1:
+            raise ValueError("ConfigUnion takes at most one PrefixTuningConfig (every attention layer gets one prefix).")
         if self.target_modules is not None:
             raise ValueError("ConfigUnion(target_modules=...): each member says where it goes; leave it None.")
 
@@ -337,6 +354,31 @@ class ConfigUnion(PeftConfig):
         d = super().to_peft_dict()
         d["configs"] = [c.to_peft_dict() for c in self.configs]
         return d
+
+
+def MAMConfig(prefix_tuning: PrefixTuningConfig | None = None, adapter: BnConfig | None = None,
+              task_type: str | None = None, **fields) -> ConfigUnion:
+    """Mix-and-match adapters (He et al., arXiv 2110.04366) as AdapterHub's ``MAMConfig`` builds them: the ConfigUnion
+    of prefix tuning in every attention layer and a parallel adapter next to every FFN.
+
+    prefix_tuning: default ``PrefixTuningConfig(num_virtual_tokens=30, prefix_projection=True,
+        encoder_hidden_size=800, task_type=task_type)``, AdapterHub's default (30 virtual tokens, re-parameterised by
+        an MLP of width 800).
+    adapter: default ``ParBnConfig()`` (bottleneck d/2, scaled by 4, starting as the identity).
+    task_type: required (the prefix needs one); modules_to_save and the other fields go to the union.
+    (A function, not a class as in AdapterHub: what it returns is an ordinary ConfigUnion, saved and loaded as one.)
+    """
+    if task_type is None:
+        raise ValueError(f"MAMConfig needs a task_type, one of {PromptLearningConfig.PROMPT_TASK_TYPES}: "
+                         "its prefix decides by it what happens to token_type_ids.")
+    if prefix_tuning is None:
+        prefix_tuning = PrefixTuningConfig(num_virtual_tokens=30, prefix_projection=True, encoder_hidden_size=800,
+                                           task_type=task_type)
+    adapter = ParBnConfig() if adapter is None else adapter
+    if not isinstance(prefix_tuning, PrefixTuningConfig) or not isinstance(adapter, BnConfig):
+        raise TypeError(f"MAMConfig(prefix_tuning=PrefixTuningConfig(...), adapter=ParBnConfig(...)), not "
+                        f"prefix_tuning={type(prefix_tuning).__name__}, adapter={type(adapter).__name__}.")
+    return ConfigUnion(prefix_tuning, adapter, task_type=task_type, **fields)
 
 
 @dataclass

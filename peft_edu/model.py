@@ -213,17 +213,23 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} does not exist (adapter_config.json is there, the weights are not).")
         saved = load_file(str(weights_path))
-    if config.is_prompt_learning:
-        # PEFT's from_pretrained loads prompt-learning adapters in inference mode: the file holds the prompt
-        # encoder's output, so a prefix_projection MLP is built as the plain table of that output (prefix_tuning.py).
-        config = dataclasses.replace(config, inference_mode=True)
-    model = get_peft_model(base_model, config)
+    model = get_peft_model(base_model, _as_loaded(config))
     try:
         _copy_into(model, saved, config)
     except Exception:
         unload(model)
         raise
     return model
+
+
+def _as_loaded(config: PeftConfig) -> PeftConfig:
+    """PEFT's from_pretrained loads prompt-learning adapters in inference mode: the file holds the prompt encoder's
+    output, so a prefix_projection MLP is built as the plain table of that output (prefix_tuning.py)."""
+    if config.is_prompt_learning:
+        return dataclasses.replace(config, inference_mode=True)
+    if isinstance(config, ConfigUnion):
+        return dataclasses.replace(config, configs=[_as_loaded(c) for c in config.configs])
+    return config
 
 
 def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftConfig) -> None:

@@ -46,6 +46,14 @@ real tokens, and an empty one passed by ``generate()`` is filled in place on its
 the attention really sees n + T keys and that the prefix changes ``generate()``.) As in PEFT, prefix tuning
 refuses gradient checkpointing, which in transformers disables the cache.
 
+In a ``ConfigUnion`` (AdapterHub's way of combining methods, e.g. ``MAMConfig``: a prefix plus parallel adapters)
+the prefix is placed as AdapterHub places it, which differs in one respect: the real tokens keep the positions
+0, 1, ... they have without a prefix (``PrefixEncoder(shift_positions=False)`` passes ``position_ids`` counting
+only the real tokens). BERT then adds the same position embeddings as without the prefix, and Llama rotates
+queries and keys by the same angles; PEFT's numbering, starting at n, changes both, so the same P gives other
+outputs (``tests/test_bottleneck.py`` shows it). Neither is wrong: a prefix has no position of its own, and
+each library trains and evaluates with its own convention.
+
 P-tuning v2 is this method: "deep prompt tuning", prompts at every layer (unlike prompt tuning's input-only
 prompt), applied to encoders such as BERT for classification with the usual linear head on [CLS] and, by
 default, without the re-parameterisation. Use ``PrefixTuningConfig(task_type="SEQ_CLS", ...)`` (PEFT has no
@@ -55,13 +63,14 @@ tokens produced by an LSTM/MLP prompt encoder), which peft_edu does not implemen
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .config import PrefixTuningConfig
+from .config import ConfigUnion, PrefixTuningConfig
 from .virtual_tokens import (
     BasePromptEncoder,
     batch_size_of,
@@ -75,8 +84,9 @@ from .virtual_tokens import (
 class PrefixEncoder(BasePromptEncoder):
     """The trainable prefix: ``forward()`` gives P, shape (n, 2·L·d_kv) (PEFT's ``PrefixEncoder``, same parameter names)."""
 
-    def __init__(self, config: PrefixTuningConfig):
+    def __init__(self, config: PrefixTuningConfig, shift_positions: bool = True):
         super().__init__(config)
+        self.shift_positions = shift_positions  # PEFT: True; AdapterHub (a member of a ConfigUnion): False
         n, d, num_layers = config.num_virtual_tokens, config.token_dim, config.num_layers
         self.num_layers, self.num_heads, self.head_dim = num_layers, config.num_attention_heads, d // config.num_attention_heads
         # PEFT builds the MLP only for training; in inference mode (a loaded adapter) P is a plain table.
@@ -133,27 +143,38 @@ class PrefixEncoder(BasePromptEncoder):
                 cache.update(key, value, layer)
             kwargs["past_key_values"] = cache
         extend_attention_mask(kwargs, n, batch_size)
-        # Positions the caller computed count its own tokens; the model's count the prefix too (PEFT adds n).
-        for key in ("position_ids", "cache_position"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = kwargs[key] + n
+        # cache_position indexes the cache, which holds the prefix: the caller's count + n, always.
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = kwargs["cache_position"] + n
+        if self.shift_positions:  # PEFT: the real tokens' positions start after the prefix, at n
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"] + n
+        elif kwargs.get("position_ids") is None:  # AdapterHub: they start at 0, as without a prefix
+            seen = cache.get_seq_length() - n  # real tokens already in the cache (generate's later steps)
+            tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            kwargs["position_ids"] = torch.arange(seen, seen + tokens.shape[1], device=tokens.device).unsqueeze(0)
         if self.task_type != "SEQ_CLS":  # PEFT keeps token_type_ids only for SEQ_CLS
             drop_with_warning(kwargs, "token_type_ids", "prefix tuning for " + str(self.task_type))
         return kwargs
 
 
-def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> None:
+def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig | ConfigUnion) -> None:
     """Attach a ``PrefixEncoder`` as ``model.prompt_encoder`` and hook the backbone (see the module docstring).
 
-    The resolved config (the model's dimensions filled in) replaces ``model.peft_edu_config``.
+    ``config`` is a PrefixTuningConfig (placed as PEFT places it) or a ConfigUnion with one (placed as AdapterHub
+    places it: positions not shifted). The resolved config (the model's dimensions filled in) replaces
+    ``model.peft_edu_config``, or its member in the union.
     """
-    resolved = resolve_config(model, config, key_value_dims=True)
+    in_union = isinstance(config, ConfigUnion)
+    member = next(c for c in config.configs if isinstance(c, PrefixTuningConfig)) if in_union else config
+    resolved = resolve_config(model, member, key_value_dims=True)
     backbone = model.base_model
     if "past_key_values" not in inspect.signature(backbone.forward).parameters:
         raise TypeError(f"{type(backbone).__name__}.forward takes no past_key_values, which carry the prefix.")
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("Prefix tuning does not work with gradient checkpointing (transformers then turns the "
                          "key/value cache off, and the cache carries the prefix); PEFT refuses it too.")
-    model.peft_edu_config = resolved
-    encoder = PrefixEncoder(resolved).to(model.get_input_embeddings().weight.device)
+    model.peft_edu_config = dataclasses.replace(
+        config, configs=[resolved if c is member else c for c in config.configs]) if in_union else resolved
+    encoder = PrefixEncoder(resolved, shift_positions=not in_union).to(model.get_input_embeddings().weight.device)
     encoder.attach(model)

@@ -14,6 +14,7 @@ Names map (AdapterHub -> peft_edu), a rule written here independently of the cod
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -582,3 +583,197 @@ def test_real_encoder_minilm(preset, count, minilm, tmp_path):
     peft_edu.save_adapter(ours, tmp_path / "ours")
     again = peft_edu.load_adapter(copy.deepcopy(base), tmp_path / "ours").eval()
     assert torch.equal(forward(again, batch), out_ours)
+
+
+# --- 8. mix-and-match: a prefix and parallel adapters in one union (He et al., arXiv 2110.04366) ------------
+# AdapterHub's prefix is placed in the self-attention and leaves the real tokens' positions alone; so does a
+# prefix in peft_edu's ConfigUnion (a PrefixTuningConfig alone follows PEFT, which numbers them after the prefix).
+# AdapterHub 1.3.0's Llama prefix is right only with eager attention: with sdpa, a boolean padding mask is
+# inverted over the prefix columns (the prefix is masked out) and without a mask the causal mask is aligned to
+# the top-left corner. Llama comparisons therefore run with attn_implementation="eager" (see
+# test_mam_does_not_depend_on_the_attention_implementation for ours).
+def hub_mam(flat=False):
+    return adapters.MAMConfig(adapters.PrefixTuningConfig(prefix_length=4, bottleneck_size=16, flat=flat))
+
+
+def mam_model(tiny_model, kind):
+    """``kind`` as in conftest; Llama with eager attention (see above)."""
+    return tiny_model(kind, attn_implementation="eager") if kind.startswith("llama") else tiny_model(kind)
+
+
+def prefix_parameter(hub):
+    """AdapterHub's prefix tensor (flat=True): one vector, shared by every layer through the prefix pool."""
+    (param,) = [p for n, p in trainable(hub).items() if n.endswith("control_trans")]
+    return param
+
+
+@pytest.mark.parametrize("kind", ["bert", "bert_cls", "llama"])
+def test_adapterhub_mam_outputs_and_gradients(kind, tmp_path, tiny_model, tiny_batch):
+    base = mam_model(tiny_model, kind)
+    batch = tiny_batch(kind)
+    hub = hub_saved(base, hub_mam(flat=True), tmp_path)
+    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    config = ours.peft_edu_config
+    assert [type(c).__name__ for c in config.configs] == ["PrefixTuningConfig", "BnConfig"]
+    assert config.task_type == {"bert": "FEATURE_EXTRACTION", "bert_cls": "SEQ_CLS", "llama": "CAUSAL_LM"}[kind]
+    assert config.configs[0].num_virtual_tokens == 4
+
+    out_ours, out_hub = ours(**batch), hub(**batch)
+    assert_close(output_of(out_ours), output_of(out_hub))
+    assert not torch.allclose(output_of(out_ours), forward(base, batch), atol=1e-3)
+    without_prefix = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    without_prefix.prompt_encoder.detach(without_prefix)
+    assert not torch.allclose(output_of(out_ours), forward(without_prefix, batch), atol=1e-3)  # the prefix counts
+
+    loss_of(out_ours, batch).backward()
+    loss_of(out_hub, batch).backward()
+    table = ours.prompt_encoder.embedding.weight
+    assert table.grad.abs().sum() > 0
+    assert_close(table.grad, prefix_parameter(hub).grad.view(table.shape))
+    grads_hub = {ours_name(n): p.grad for n, p in trainable(hub).items() if not n.endswith("control_trans")}
+    grads_ours = {n: p.grad for n, p in trainable(ours).items() if not n.startswith("prompt_encoder.")}
+    assert sorted(grads_ours) == sorted(grads_hub)
+    for name, g in grads_hub.items():
+        assert g.abs().sum() > 0, name
+        assert_close(grads_ours[name], g)
+
+
+def test_adapterhub_mam_with_its_mlp_and_alone(tmp_path, tiny_model, tiny_batch):
+    """The prefix MLP (flat=False) is read as its output P, PEFT's inference form; a prefix saved alone loads as a
+    union of one. Placed as PEFT places a prefix (positions after it), the same P gives other outputs on BERT."""
+    base, batch = tiny_model("bert_cls"), tiny_batch("bert_cls")
+    hub = hub_saved(base, hub_mam(flat=False), tmp_path / "mam")
+    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path / "mam").eval()
+    assert not ours.prompt_encoder.prefix_projection
+    assert_close(forward(ours, batch), forward(hub, batch))
+
+    hub = hub_saved(base, adapters.PrefixTuningConfig(prefix_length=4, flat=True), tmp_path / "alone")
+    alone = peft_edu.load_adapter(copy.deepcopy(base), tmp_path / "alone").eval()
+    assert isinstance(alone.peft_edu_config, peft_edu.ConfigUnion) and len(alone.peft_edu_config.configs) == 1
+    assert_close(forward(alone, batch), forward(hub, batch))
+    peft_placed = peft_edu.get_peft_model(copy.deepcopy(base), dataclasses.replace(
+        alone.peft_edu_config.configs[0], inference_mode=False)).eval()
+    with torch.no_grad():
+        peft_placed.prompt_encoder.embedding.weight.copy_(alone.prompt_encoder.embedding.weight)
+    assert not torch.allclose(forward(peft_placed, batch), forward(hub, batch), atol=1e-3)
+
+
+def test_mam_config_is_adapterhubs(tiny_model, tiny_batch):
+    """Defaults and trainable parameters as AdapterHub's MAMConfig (BERT: no grouped-query attention, so the prefix
+    MLP has the same shape in both); training reaches the prefix MLP and the adapters' up projections (W_up = 0 at
+    the start, so the down projections get no gradient on the first step, in AdapterHub too)."""
+    base = tiny_model("bert_cls")
+    config = peft_edu.MAMConfig(task_type="SEQ_CLS")
+    prefix, adapter = config.configs
+    assert (prefix.num_virtual_tokens, prefix.prefix_projection, prefix.encoder_hidden_size) == (30, True, 800)
+    assert adapter == peft_edu.ParBnConfig()
+    hub = hub_model(base, adapters.MAMConfig())
+    ours = peft_edu.get_peft_model(copy.deepcopy(base), config)
+    assert peft_edu.count_parameters(ours)[0] == sum(p.numel() for p in hub.parameters() if p.requires_grad)
+    assert torch.equal(forward(ours.eval(), {k: v for k, v in tiny_batch("bert_cls").items() if k != "labels"}),
+                       forward(_with_prefix_only(base, ours), tiny_batch("bert_cls")))  # the adapters start at 0
+    ours.train()
+    ours(**tiny_batch("bert_cls")).loss.backward()
+    for name, p in trainable(ours).items():
+        if ".adapter_down." not in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _with_prefix_only(base, mam):
+    """``base`` with only the prefix of ``mam`` (same weights), as a union of one."""
+    prefix = mam.peft_edu_config.configs[0]
+    model = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.ConfigUnion(prefix, task_type=prefix.task_type))
+    model.prompt_encoder.load_state_dict(mam.prompt_encoder.state_dict())
+    model.classifier.load_state_dict(mam.classifier.state_dict())
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["bert_cls", "llama"])
+def test_mam_save_load_round_trip(kind, tmp_path, tiny_model, tiny_batch):
+    base, batch = tiny_model(kind), tiny_batch(kind)
+    task = "SEQ_CLS" if kind == "bert_cls" else "CAUSAL_LM"
+    ours = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.MAMConfig(
+        peft_edu.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8, task_type=task),
+        peft_edu.ParBnConfig(reduction_factor=4), task_type=task))
+    randomize_trainable(ours)
+    peft_edu.save_adapter(ours, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["peft_type"] == "UNION"
+    assert [c["peft_type"] for c in written["configs"]] == ["PREFIX_TUNING", "BOTTLENECK"]
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert "prompt_embeddings" in keys and all(k == "prompt_embeddings" or k.startswith("base_model.model.") for k in keys)
+    again = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert torch.equal(forward(again, batch), forward(ours.eval(), batch))
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        peft_edu.merge(again)
+    assert torch.equal(forward(peft_edu.unload(again), batch), forward(base, batch))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_mam_does_not_depend_on_the_attention_implementation(attn, tiny_model):
+    """Greedy generate() (cache, positions continuing after the prompt) gives the tokens and logits of recomputing
+    every step from scratch, and eager and sdpa attention agree, with and without padding."""
+    def build(implementation):
+        model = peft_edu.get_peft_model(tiny_model("llama", attn_implementation=implementation), peft_edu.MAMConfig(
+            peft_edu.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), task_type="CAUSAL_LM"))
+        randomize_trainable(model)
+        return model.eval()
+
+    model, eager = build(attn), build("eager")
+    prompt = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0  # left padding
+    assert_close(forward(model, {"input_ids": prompt, "attention_mask": mask}),
+                 forward(eager, {"input_ids": prompt, "attention_mask": mask}))
+    assert_close(forward(model, {"input_ids": prompt}), forward(eager, {"input_ids": prompt}))
+    with torch.no_grad():
+        out = model.generate(prompt[:1], max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        ids = prompt[:1]
+        for step_logits in out.logits:
+            logits = model(input_ids=ids).logits[:, -1]
+            assert_close(step_logits, logits)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(out.sequences, ids)
+        # A cache reused by hand, without position_ids: the new tokens continue after the ones in the cache.
+        first = model(input_ids=ids[:, :5], use_cache=True)
+        later = model(input_ids=ids[:, 5:], past_key_values=first.past_key_values).logits
+        assert_close(later, model(input_ids=ids).logits[:, 5:])
+
+
+def test_mam_config_errors(tmp_path, tiny_model, tiny_batch):
+    prefix = peft_edu.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"MAMConfig needs a task_type"):
+        peft_edu.MAMConfig()
+    with pytest.raises(ValueError, match=r"member has task_type='SEQ_CLS', the ConfigUnion task_type='CAUSAL_LM'"):
+        peft_edu.ConfigUnion(prefix, peft_edu.ParBnConfig(), task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=r"at most one PrefixTuningConfig"):
+        peft_edu.ConfigUnion(prefix, prefix, task_type="SEQ_CLS")
+    with pytest.raises(TypeError, match=r"MAMConfig\(prefix_tuning=PrefixTuningConfig\(...\), adapter=ParBnConfig"):
+        peft_edu.MAMConfig(peft_edu.ParBnConfig(), task_type="SEQ_CLS")
+    base = tiny_model("bert")
+    for i, (hub_config, message) in enumerate([
+            (adapters.PrefixTuningConfig(prefix_length=2, dropout=0.1), r"dropout=0\.1"),
+            (adapters.PrefixTuningConfig(prefix_length=2, use_gating=True), r"use_gating=True"),
+            (adapters.PrefixTuningConfig(prefix_length=2, leave_out=[0]), r"leave_out=\[0\]"),
+            (adapters.PrefixTuningConfig(prefix_length=2, non_linearity="relu"), r"non_linearity='relu'")]):
+        hub_saved(base, hub_config, tmp_path / str(i))
+        model = copy.deepcopy(base)
+        with pytest.raises(ValueError, match=r"prefix tuning uses options peft_edu does not implement: " + message):
+            peft_edu.load_adapter(model, tmp_path / str(i))
+        assert_unchanged(model, base, tiny_batch("bert"))
+
+
+@pytest.mark.slow
+def test_real_encoder_minilm_mam(minilm, tmp_path):
+    base, batch = minilm
+    hub = hub_model(base, adapters.MAMConfig())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for _, p in sorted(trainable(hub).items()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    hub.eval().save_adapter(str(tmp_path), NAME)
+    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    out_ours, out_hub = forward(ours, batch), forward(hub, batch)
+    assert_close(out_ours, out_hub, rel=1e-5)
+    assert not torch.allclose(out_ours, forward(base, batch), atol=1e-2)
