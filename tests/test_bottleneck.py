@@ -777,3 +777,30 @@ def test_real_encoder_minilm_mam(minilm, tmp_path):
     out_ours, out_hub = forward(ours, batch), forward(hub, batch)
     assert_close(out_ours, out_hub, rel=1e-5)
     assert not torch.allclose(out_ours, forward(base, batch), atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M with eager attention (AdapterHub's prefix needs it, see section 8) and a padded batch."""
+    tokenizer, model = peft_edu.assets.load_causal_lm()
+    model.set_attn_implementation("eager")
+    batch = tokenizer(["Adapters sit next to the MLP of every decoder layer.", "Hi"], padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    return model.eval(), dict(batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_id", [*PRESETS, "mam"])
+def test_real_causal_lm_smollm2(config_id, smollm2, tmp_path):
+    """SmolLM2-135M (d = 576, 30 layers, grouped-query attention): AdapterHub's directory, equal outputs."""
+    base, batch = smollm2
+    hub = hub_model(base, adapters.MAMConfig() if config_id == "mam" else PRESETS[config_id][0]())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for _, p in sorted(trainable(hub).items()):  # small: 30 pre-norm layers add up every adapter's output
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    hub.eval().save_adapter(str(tmp_path), NAME)
+    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    out_ours, out_hub = forward(ours, batch), forward(hub, batch)
+    assert_close(out_ours, out_hub, rel=1e-5)
+    assert not torch.allclose(out_ours, forward(base, batch), atol=1e-2)
