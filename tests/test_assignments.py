@@ -45,6 +45,12 @@ def test_student_version_has_no_solutions_or_hidden_tests(built, chapter):
                       for line in c.source.splitlines() if line.rstrip().endswith("# SOLUTION")]
     assert solution_lines and not any(line in text for line in solution_lines)
     assert "grader.check(" in text
+    # On Colab the set-up cell installs otter-grader: otter's init cell must come after it, and before any check.
+    sources = [c.source for c in student.cells if c.cell_type == "code"]
+    setup = next(i for i, s in enumerate(sources) if s.startswith("# Set-up (the same in every chapter)"))
+    init = next(i for i, s in enumerate(sources) if "import otter" in s)
+    first_check = next(i for i, s in enumerate(sources) if "grader.check(" in s)
+    assert setup + 1 == init < first_check
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

@@ -36,6 +36,8 @@ from sync_setup_cells import LINK_MARKER  # this folder is on sys.path when the 
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_MARKER = "# ASSIGNMENT CONFIG"
+INIT_MARKER = "# Initialize Otter"  # the first line of the cell otter assign adds
+SETUP_MARKER = "# Set-up (the same in every chapter)"
 
 
 def grading_requirements() -> str:
@@ -67,7 +69,19 @@ def build(chapter: Path, out: Path, run_tests: bool) -> Path:
     if len(zips) != 1:
         raise SystemExit(f"expected one autograder zip in {target / 'autograder'}, found {[z.name for z in zips]}")
     zips[0].rename(target / f"{chapter.stem}-autograder.zip")  # a stable name instead of otter's timestamp
+    init_otter_after_setup(target / "student" / chapter.name)
     return target
+
+
+def init_otter_after_setup(student_notebook: Path) -> None:
+    """Move otter's ``import otter`` cell, which otter assign puts first, to just after the set-up cell: on Colab
+    the set-up cell is what installs otter-grader, so a student running the notebook top to bottom needs it first."""
+    student = nbformat.read(student_notebook, as_version=4)
+    init = next(c for c in student.cells if c.cell_type == "code" and c.source.startswith(INIT_MARKER))
+    student.cells.remove(init)
+    setup = next(i for i, c in enumerate(student.cells) if c.cell_type == "code" and c.source.startswith(SETUP_MARKER))
+    student.cells.insert(setup + 1, init)
+    nbformat.write(student, student_notebook)
 
 
 def publish_exercises(chapter: Path, student_notebook: Path, exercises_dir: Path) -> Path:
@@ -82,7 +96,7 @@ def publish_exercises(chapter: Path, student_notebook: Path, exercises_dir: Path
     student = nbformat.read(student_notebook, as_version=4)
     cells = []
     for cell in student.cells:
-        if cell.cell_type == "code" and cell.source.startswith("# Initialize Otter"):
+        if cell.cell_type == "code" and cell.source.startswith(INIT_MARKER):
             continue
         if cell.cell_type == "markdown" and cell.source.startswith(LINK_MARKER):
             continue  # the link to this very notebook
