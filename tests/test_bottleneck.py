@@ -564,21 +564,28 @@ def minilm():
     return model.eval(), dict(batch)
 
 
+def check_real_model(base, batch, hub_config, directory, std):
+    """AdapterHub's adapter with weights ~ N(0, std²), saved and read by peft_edu: equal outputs, not the base's."""
+    hub = hub_model(base, hub_config)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for _, p in sorted(trainable(hub).items()):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    hub.eval().save_adapter(str(directory), NAME)
+    ours = peft_edu.load_adapter(copy.deepcopy(base), directory).eval()
+    out_ours = forward(ours, batch)
+    assert_close(out_ours, forward(hub, batch), rel=1e-5)
+    assert not torch.allclose(out_ours, forward(base, batch), atol=1e-2)
+    return hub, ours, out_ours
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,count", [("seq_bn", 113_040), ("double_seq_bn", 226_080), ("par_bn", 888_192)])
 def test_real_encoder_minilm(preset, count, minilm, tmp_path):
     """all-MiniLM-L6-v2 (d = 384, 6 layers): per adapter 2·d·m + m + d with m = 24 (d/16) or 192 (d/2)."""
     base, batch = minilm
-    hub = hub_saved(base, PRESETS[preset][0](), tmp_path / "hub")
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for _, p in sorted(trainable(hub).items()):  # gentler than the tiny models', so 6 layers stay sane
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    hub.save_adapter(str(tmp_path / "hub"), NAME)
-    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path / "hub").eval()
-    out_ours, out_hub = forward(ours, batch), forward(hub, batch)
-    assert_close(out_ours, out_hub, rel=1e-5)
-    assert not torch.allclose(out_ours, forward(base, batch), atol=1e-2)
+    # std 0.05: gentler than the tiny models', so 6 layers stay sane
+    hub, ours, out_ours = check_real_model(base, batch, PRESETS[preset][0](), tmp_path / "hub", std=0.05)
     assert peft_edu.count_parameters(ours)[0] == sum(p.numel() for p in hub.parameters() if p.requires_grad) == count
     peft_edu.save_adapter(ours, tmp_path / "ours")
     again = peft_edu.load_adapter(copy.deepcopy(base), tmp_path / "ours").eval()
@@ -767,16 +774,7 @@ def test_mam_config_errors(tmp_path, tiny_model, tiny_batch):
 @pytest.mark.slow
 def test_real_encoder_minilm_mam(minilm, tmp_path):
     base, batch = minilm
-    hub = hub_model(base, adapters.MAMConfig())
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for _, p in sorted(trainable(hub).items()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    hub.eval().save_adapter(str(tmp_path), NAME)
-    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
-    out_ours, out_hub = forward(ours, batch), forward(hub, batch)
-    assert_close(out_ours, out_hub, rel=1e-5)
-    assert not torch.allclose(out_ours, forward(base, batch), atol=1e-2)
+    check_real_model(base, batch, adapters.MAMConfig(), tmp_path, std=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -794,13 +792,6 @@ def smollm2():
 def test_real_causal_lm_smollm2(config_id, smollm2, tmp_path):
     """SmolLM2-135M (d = 576, 30 layers, grouped-query attention): AdapterHub's directory, equal outputs."""
     base, batch = smollm2
-    hub = hub_model(base, adapters.MAMConfig() if config_id == "mam" else PRESETS[config_id][0]())
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for _, p in sorted(trainable(hub).items()):  # small: 30 pre-norm layers add up every adapter's output
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    hub.eval().save_adapter(str(tmp_path), NAME)
-    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
-    out_ours, out_hub = forward(ours, batch), forward(hub, batch)
-    assert_close(out_ours, out_hub, rel=1e-5)
-    assert not torch.allclose(out_ours, forward(base, batch), atol=1e-2)
+    # std 0.02: small, as 30 pre-norm layers add up every adapter's output
+    check_real_model(base, batch, adapters.MAMConfig() if config_id == "mam" else PRESETS[config_id][0](), tmp_path,
+                     std=0.02)
