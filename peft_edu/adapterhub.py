@@ -214,9 +214,12 @@ def read_adapterhub_directory(base_model: nn.Module, directory: str | Path) -> t
 
     head = _load_tensors(directory, HEAD_WEIGHTS_NAMES)
     task_type, to_save, tensors = _head(base_model, head, directory) if head else (None, None, {})
-    if task_type is None and "prefix_tuning" in json.dumps(saved.get("config")):  # a prefix needs a task type
+    config_dict = saved.get("config")
+    architectures = [c.get("architecture") for c in config_dict.get("configs", [config_dict])] \
+        if isinstance(config_dict, dict) else []
+    if task_type is None and "prefix_tuning" in architectures:  # a prefix needs a task type
         task_type = "CAUSAL_LM" if base_model.get_output_embeddings() is not None else "FEATURE_EXTRACTION"
-    config = config_from_adapterhub_dict(saved.get("config"), task_type=task_type, modules_to_save=to_save)
+    config = config_from_adapterhub_dict(config_dict, task_type=task_type, modules_to_save=to_save)
 
     prefix = next((c for c in getattr(config, "configs", []) if isinstance(c, PrefixTuningConfig)), None)
     if prefix is not None:
