@@ -53,7 +53,7 @@ _INERT = {"phm_dim", "factorized_phm_W", "shared_W_phm", "shared_phm_rule", "fac
 
 _KEY = re.compile(r"(?:^|.*\.)(?P<layer>\d+)\.(?P<path>attention\.output\.adapters|output\.adapters|"
                   r"attention_adapters\.adapters|output_adapters\.adapters)\.(?P<name>[^.]+)\."
-                  r"(?P<proj>adapter_down\.0|adapter_up)\.(?P<kind>weight|bias)$")
+                  r"(?P<proj>adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after)\.(?P<kind>weight|bias)$")
 
 
 # The prefix module sits in a pool that every layer references: the same tensors under several names.
@@ -228,11 +228,15 @@ def read_adapterhub_directory(base_model: nn.Module, directory: str | Path) -> t
         weights = {k: v for k, v in weights.items() if not _PREFIX_KEY.fullmatch(k)}
     sites = {(s.layer, s.adapterhub_path): s for s in find_sites(base_model)}
     name = saved.get("name")
+    # AdapterHub's adapter_down is nn.Sequential([LayerNorm,] Linear, activation): with ln_before its Linear is
+    # adapter_down.1 and adapter_down.0 is the LayerNorm, saved a second time as adapter_norm_before.
+    with_norm_before = {key.rsplit(".adapter_down.1.", 1)[0] for key in weights if ".adapter_down.1." in key}
     for key, tensor in weights.items():
         match = _KEY.fullmatch(key)
         if match is None:
             raise ValueError(f"The AdapterHub file in {directory} has a tensor peft_edu cannot place: {key!r} "
-                             "(peft_edu reads bottleneck adapters' adapter_down.0 / adapter_up weights and biases).")
+                             "(peft_edu reads bottleneck adapters' projections adapter_down / adapter_up and LayerNorms "
+                             "adapter_norm_before / adapter_norm_after).")
         if name and match["name"] != name:
             raise ValueError(f"The AdapterHub file has tensors of the adapter {match['name']!r}, its config names "
                              f"{name!r}: {key!r}.")
@@ -241,5 +245,12 @@ def read_adapterhub_directory(base_model: nn.Module, directory: str | Path) -> t
             raise ValueError(f"The AdapterHub file has an adapter for layer {match['layer']} at "
                              f"{match['path'].removesuffix('.adapters')}, which {type(base_model).__name__} does not "
                              f"have ({key!r}).")
-        tensors[f"{site.module}.{match['proj'].removesuffix('.0')}.{match['kind']}"] = tensor
+        proj = match["proj"]
+        if proj == "adapter_down.0" and key.rsplit(".adapter_down.0.", 1)[0] in with_norm_before:
+            twin = key.replace(".adapter_down.0.", ".adapter_norm_before.")
+            if twin not in weights or not torch.equal(weights[twin], tensor):
+                raise ValueError(f"The AdapterHub file's {key!r} should be the LayerNorm also saved as {twin!r}.")
+            continue
+        proj = "adapter_down" if proj.startswith("adapter_down.") else proj
+        tensors[f"{site.module}.{proj}.{match['kind']}"] = tensor
     return config, tensors

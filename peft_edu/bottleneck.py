@@ -40,6 +40,12 @@ Write x for a sublayer's input (the residual stream), h for the sublayer's outpu
 So the adapter always sits *before* the pretrained LayerNorm of a post-norm layer (which then normalises
 h + A(·) + x), and inside the residual branch of a pre-norm layer.
 
+AdapterHub's other switches change these formulas in the places ``_serial`` and ``_parallel`` show: ``ln_before`` /
+``ln_after`` add a trainable LayerNorm on the adapter's input / output; ``residual_before_ln`` says what the serial
+adapter's skip connection carries in place of h (False: its own input; "post_add": h + x); with ``ln_after``,
+``adapter_residual_before_ln`` adds that skip connection before the new LayerNorm; ``original_ln_after=False`` leaves
+out the final "+ x" and pretrained LayerNorm (post-norm models only).
+
 How it gets into the model (see ``injection.py``): each adapter is a ``BottleneckAdapter`` wrapping the module
 whose output it changes. In BERT that is the sublayer's output module (``attention.output``, a
 ``BertSelfOutput``, and ``output``, a ``BertOutput``): both get (h_in, x), so the wrapper reruns their ``dense``,
@@ -243,17 +249,27 @@ class BottleneckAdapter(AdapterLayer):
                             f"not {type(base_layer).__name__}.")
         if style == "pre_norm" and (config.is_parallel or config.original_ln_before) and residual_tap is None:
             raise ValueError("This adapter reads the residual stream x: give the ResidualTap on the norm before it.")
+        if style == "pre_norm" and not config.original_ln_after:
+            raise ValueError("original_ln_after=False in a pre-norm layer (Llama): AdapterHub then returns the adapter's "
+                             "output without the residual stream x, which peft_edu does not implement; use True.")
+        if style == "pre_norm" and config.residual_before_ln == "post_add":
+            raise ValueError("residual_before_ln='post_add' needs the layer's own LayerNorm after the sum, which a "
+                             "pre-norm layer (Llama) does not have (AdapterHub fails here too); use True or False.")
         self.style, self.layer, self.location = style, layer, location
         self.is_parallel, self.original_ln_before = config.is_parallel, config.original_ln_before
+        self.original_ln_after, self.residual_before_ln = config.original_ln_after, config.residual_before_ln
+        self.adapter_residual_before_ln = config.adapter_residual_before_ln
         self.scaling = config.scaling
         self.bottleneck = bottleneck_size(config, hidden_size, layer)
         weight = next(base_layer.parameters())
         factory = {"device": weight.device, "dtype": weight.dtype}
         # As AdapterHub: two nn.Linear (their default init draws from the random stream), then the re-init
-        # below, down before up, so that the same seed gives the same weights.
+        # below, down before up, so that the same seed gives the same weights. The optional LayerNorms draw nothing.
+        self.adapter_norm_before = nn.LayerNorm(hidden_size, **factory) if config.ln_before else None
         self.adapter_down = nn.Linear(hidden_size, self.bottleneck, **factory)
         self.non_linearity = activation(config.non_linearity)
         self.adapter_up = nn.Linear(self.bottleneck, hidden_size, **factory)
+        self.adapter_norm_after = nn.LayerNorm(hidden_size, **factory) if config.ln_after else None
         self.dropout = nn.Dropout(config.dropout)
         self.__dict__["residual_tap"] = residual_tap  # shared with the tap, not a submodule of this layer
         self.reset_adapter_parameters(config.init_weights, config.init_weights_seed)
@@ -272,12 +288,46 @@ class BottleneckAdapter(AdapterLayer):
             self.adapter_down.bias.zero_()
             self.adapter_up.weight.zero_()
             self.adapter_up.bias.zero_()
+        elif init_weights == "houlsby":  # Houlsby et al.: near zero, N(0, 0.01²) truncated at ±0.02
+            for projection in (self.adapter_down, self.adapter_up):
+                nn.init.trunc_normal_(projection.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                projection.bias.zero_()
         else:
-            raise ValueError(f"init_weights={init_weights!r}: 'bert' or 'mam_adapter'.")
+            raise ValueError(f"init_weights={init_weights!r}: 'bert', 'houlsby' or 'mam_adapter'.")
 
     def adapter(self, z: torch.Tensor) -> torch.Tensor:
-        """A(z) = s · (W_up f(W_down z + b_down) + b_up), then the adapter's dropout."""
+        """A(z) = s · (W_up f(W_down z + b_down) + b_up), then the adapter's dropout (z normalised first with ln_before)."""
+        if self.adapter_norm_before is not None:
+            z = self.adapter_norm_before(z)
         return self.dropout(self.adapter_up(self.non_linearity(self.adapter_down(z))) * self.scaling)
+
+    def _serial(self, h: torch.Tensor, x: torch.Tensor | None, layer_norm: nn.Module | None) -> torch.Tensor:
+        """A serial adapter on h: its input z and its skip connection r, as AdapterHub's ``Adapter`` forms them.
+
+        With the presets (residual_before_ln=True, no new LayerNorms) this is A(z) + h, z = h or LN(h + x)."""
+        r = h
+        z = h
+        if self.original_ln_before:
+            z = h + x
+            if self.residual_before_ln == "post_add":
+                r = z
+            if layer_norm is not None:  # post-norm: the layer's own LayerNorm; pre-norm: none (AdapterHub passes none)
+                z = layer_norm(z)
+        if self.residual_before_ln is False:
+            r = z
+        a = self.adapter(z)
+        if self.adapter_norm_after is None:
+            return a + r
+        if self.adapter_residual_before_ln:
+            return self.adapter_norm_after(a + r)
+        return self.adapter_norm_after(a) + r
+
+    def _parallel(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A parallel adapter on x, added next to the sublayer's output h (AdapterHub's ``ParallelAdapter``)."""
+        a = self.adapter(x)
+        if self.adapter_norm_after is not None:
+            a = self.adapter_norm_after(a)
+        return a + h
 
     def forward(self, *args, **kwargs):
         if self.style == "post_norm":
@@ -288,20 +338,14 @@ class BottleneckAdapter(AdapterLayer):
         base = self.base_layer
         h = base.dropout(base.dense(hidden_states))  # the sublayer's output
         x = input_tensor                             # the sublayer's input, its skip connection
-        if self.is_parallel:
-            return base.LayerNorm(self.adapter(x) + h + x)
-        z = base.LayerNorm(h + x) if self.original_ln_before else h
-        return base.LayerNorm(self.adapter(z) + h + x)
+        out = self._parallel(h, x) if self.is_parallel else self._serial(h, x, base.LayerNorm)
+        return base.LayerNorm(out + x) if self.original_ln_after else out
 
     def _pre_norm_forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)
         h = out[0] if isinstance(out, tuple) else out
-        if self.is_parallel:
-            h = self.adapter(self.residual_tap.take()) + h
-        elif self.original_ln_before:
-            h = self.adapter(h + self.residual_tap.take()) + h
-        else:
-            h = self.adapter(h) + h
+        x = self.residual_tap.take() if self.residual_tap is not None else None
+        h = self._parallel(h, x) if self.is_parallel else self._serial(h, x, None)
         # The decoder layer adds x itself: x + (A(·) + h), the same sum AdapterHub forms as (A(·) + h) + x.
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 

@@ -161,15 +161,7 @@ class IA3Config(PeftConfig):
 
 
 # --- bottleneck adapters (AdapterHub's configs) ----------------------------------------------------
-# Options of AdapterHub's BnConfig that peft_edu implements only at the values its three presets use.
-_BN_ONLY = {
-    "original_ln_after": (True,),
-    "residual_before_ln": (True,),
-    "ln_before": (False,),
-    "ln_after": (False,),
-    "adapter_residual_before_ln": (False,),
-}
-_BN_INITS = ("bert", "mam_adapter")
+_BN_INITS = ("bert", "mam_adapter", "houlsby")
 
 
 @dataclass(kw_only=True)
@@ -184,14 +176,19 @@ class BnConfig(PeftConfig):
     non_linearity: the activation between the projections (a name transformers knows: "relu", "swish", "gelu"...).
     original_ln_before: Pfeiffer's placement: the adapter reads LayerNorm(h + x), the sublayer's output after the
         residual (and, in post-norm models, after the pretrained LayerNorm) instead of h.
+    original_ln_after: after the adapter, add x and apply the pretrained LayerNorm (post-norm) as the layer did
+        without an adapter; False leaves both out (pre-norm models: not implemented, it would drop x altogether).
+    residual_before_ln: what the serial adapter's own skip connection carries: True h, False the adapter's input
+        (LayerNorm(h + x) with original_ln_before), "post_add" h + x (needs original_ln_before, post-norm only).
+    ln_before / ln_after: a new trainable LayerNorm on the adapter's input / on its output.
+    adapter_residual_before_ln: with ln_after, add the skip connection before that LayerNorm instead of after.
     is_parallel: the adapter reads the sublayer's input x and its output is added next to the sublayer's (He et al.).
     scaling: a number s that multiplies the adapter's output (He et al. use 4.0).
-    init_weights: "bert" (both projections ~ N(0, 0.02²), biases 0) or "mam_adapter" (down projection
-        kaiming-uniform, up projection 0: the adapter starts as the identity). init_weights_seed: reseed before
-        each adapter module's init, as AdapterHub does (0 or None: no reseeding).
+    init_weights: "bert" (both projections ~ N(0, 0.02²), biases 0), "houlsby" (both ~ N(0, 0.01²) truncated at
+        ±0.02, biases 0) or "mam_adapter" (down projection kaiming-uniform, up projection 0: the adapter starts as
+        the identity). init_weights_seed: reseed before each adapter module's init, as AdapterHub does (0 or None:
+        no reseeding).
     leave_out: layer indices (from 0) that get no adapter. dropout: on the adapter's output.
-    original_ln_after, residual_before_ln, ln_before, ln_after, adapter_residual_before_ln: accepted only at the
-        values the three presets use (True, True, False, False, False); other values raise an error.
     target_modules must stay None: the placement comes from mh_adapter / output_adapter.
     """
 
@@ -219,15 +216,17 @@ class BnConfig(PeftConfig):
         if self.target_modules is not None:
             raise ValueError(f"target_modules={self.target_modules!r}: bottleneck adapters are placed by mh_adapter "
                              "(after attention) and output_adapter (after the FFN), not by target_modules; leave it None.")
-        for name in ("mh_adapter", "output_adapter", "original_ln_before", "is_parallel"):
+        for name in ("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after", "ln_before", "ln_after",
+                     "adapter_residual_before_ln", "is_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False.")
         if not (self.mh_adapter or self.output_adapter):
             raise ValueError("mh_adapter=False and output_adapter=False: this config adds no adapter anywhere.")
-        for name, allowed in _BN_ONLY.items():
-            if getattr(self, name) not in allowed or not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r}: peft_edu implements bottleneck adapters with "
-                                 f"{name}={allowed[0]} only (the value SeqBnConfig, DoubleSeqBnConfig and ParBnConfig use).")
+        if self.residual_before_ln not in (True, False, "post_add") or not isinstance(self.residual_before_ln, (bool, str)):
+            raise ValueError(f"residual_before_ln={self.residual_before_ln!r}: True, False or 'post_add'.")
+        if self.residual_before_ln == "post_add" and not self.original_ln_before:
+            raise ValueError("residual_before_ln='post_add' takes h + x, which only exists with original_ln_before=True "
+                             "(AdapterHub fails on this combination too).")
         rf = self.reduction_factor
         if isinstance(rf, dict):
             self.reduction_factor = rf = {str(k): v for k, v in rf.items()}
@@ -249,8 +248,7 @@ class BnConfig(PeftConfig):
             raise ValueError(f"non_linearity={self.non_linearity!r} is not an activation transformers knows "
                              f"(e.g. {sorted(ACT2FN)[:12]}...).")
         if self.init_weights not in _BN_INITS:
-            raise ValueError(f"init_weights={self.init_weights!r}: peft_edu implements {_BN_INITS} "
-                             "(AdapterHub also has 'houlsby', which no preset uses).")
+            raise ValueError(f"init_weights={self.init_weights!r}: one of {_BN_INITS}, as in AdapterHub.")
         if self.init_weights_seed is not None and (isinstance(self.init_weights_seed, bool)
                                                    or not isinstance(self.init_weights_seed, int)):
             raise ValueError(f"init_weights_seed={self.init_weights_seed!r}: an integer or None.")

@@ -51,7 +51,26 @@ MIXED = {
         lambda: adapters.ConfigUnion(adapters.SeqBnConfig(mh_adapter=True, output_adapter=False), adapters.ParBnConfig()),
         lambda: peft_edu.ConfigUnion(peft_edu.SeqBnConfig(mh_adapter=True, output_adapter=False), peft_edu.ParBnConfig())),
 }
-ALL_CONFIGS = {**PRESETS, **MIXED}
+# AdapterHub's other placement options: new LayerNorms, what the skip connection carries, the "houlsby" init.
+OPTIONS = {
+    "norms_residual_from_input_houlsby_init": (
+        lambda: adapters.SeqBnConfig(ln_before=True, ln_after=True, residual_before_ln=False, init_weights="houlsby"),
+        lambda: peft_edu.SeqBnConfig(ln_before=True, ln_after=True, residual_before_ln=False, init_weights="houlsby")),
+    "adapter_residual_before_ln": (
+        lambda: adapters.DoubleSeqBnConfig(ln_after=True, adapter_residual_before_ln=True),
+        lambda: peft_edu.DoubleSeqBnConfig(ln_after=True, adapter_residual_before_ln=True)),
+    "parallel_with_norms": (lambda: adapters.ParBnConfig(ln_before=True, ln_after=True),
+                            lambda: peft_edu.ParBnConfig(ln_before=True, ln_after=True)),
+}
+# Options that need the layer's own LayerNorm after the sublayer: post-norm (BERT) only.
+POST_NORM_OPTIONS = {
+    "post_add_without_original_ln_after": (
+        lambda: adapters.SeqBnConfig(residual_before_ln="post_add", original_ln_after=False),
+        lambda: peft_edu.SeqBnConfig(residual_before_ln="post_add", original_ln_after=False)),
+    "double_without_original_ln_after": (lambda: adapters.DoubleSeqBnConfig(original_ln_after=False),
+                                         lambda: peft_edu.DoubleSeqBnConfig(original_ln_after=False)),
+}
+ALL_CONFIGS = {**PRESETS, **MIXED, **OPTIONS}
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -86,7 +105,7 @@ def ours_name(name: str) -> str:
     name = re.sub(r"\.(\d+)\.attention_adapters\.adapters\.a\.", r".\1.self_attn.", name)
     name = re.sub(r"\.(\d+)\.output_adapters\.adapters\.a\.", r".\1.mlp.", name)
     name = re.sub(r"\.(\d+)\.(attention\.output|output)\.adapters\.a\.", r".\1.\2.", name)
-    name = name.replace(".adapter_down.0.", ".adapter_down.")
+    name = re.sub(r"\.adapter_down\.[01]\.", ".adapter_down.", name)  # .1 after an adapter_norm_before
     return re.sub(r"^(classifier|score)\.", r"\1.modules_to_save.", name)
 
 
@@ -218,12 +237,15 @@ def test_pre_norm_equation(preset, tiny_model, tiny_batch):
 
 
 # --- 2. same parameters, same initial weights ------------------------------------------------------
-@pytest.mark.parametrize("kind", ["bert", "llama"])
-@pytest.mark.parametrize("config_id", list(ALL_CONFIGS))
+INIT_CASES = [pytest.param(kind, cid, id=f"{kind}-{cid}") for kind in ("bert", "llama") for cid in ALL_CONFIGS] + [
+    pytest.param("bert", cid, id=f"bert-{cid}") for cid in POST_NORM_OPTIONS]
+
+
+@pytest.mark.parametrize("kind,config_id", INIT_CASES)
 def test_same_parameters_and_initial_weights_as_adapterhub(kind, config_id, tiny_model, tiny_batch):
     """Same placement and shapes; and built in AdapterHub's order, the same seed draws the same weights."""
     base = tiny_model(kind)
-    make_hub, make_ours = ALL_CONFIGS[config_id]
+    make_hub, make_ours = {**ALL_CONFIGS, **POST_NORM_OPTIONS}[config_id]
     hub = hub_model(base, make_hub(), seed=5)
     ours = copy.deepcopy(base)
     torch.manual_seed(5)
@@ -231,7 +253,9 @@ def test_same_parameters_and_initial_weights_as_adapterhub(kind, config_id, tiny
     theirs = {ours_name(n): p for n, p in trainable(hub).items()}
     mine = trainable(ours)
     assert sorted(mine) == sorted(theirs)
-    assert len(mine) == 4 * len(bottleneck_layers(ours)) > 0
+    norms = sum(m.adapter_norm_before is not None for m in bottleneck_layers(ours).values()) + \
+        sum(m.adapter_norm_after is not None for m in bottleneck_layers(ours).values())
+    assert len(mine) == 4 * len(bottleneck_layers(ours)) + 2 * norms > 0
     for name, p in mine.items():
         assert torch.equal(p, theirs[name]), name
     assert peft_edu.count_parameters(ours)[0] == sum(p.numel() for p in hub.parameters() if p.requires_grad)
@@ -241,6 +265,8 @@ def test_same_parameters_and_initial_weights_as_adapterhub(kind, config_id, tiny
         assert torch.equal(layer.adapter_up.bias, torch.zeros_like(layer.adapter_up.bias)), name
         if layer.is_parallel:  # mam_adapter: W_up = 0, the adapter is the identity at the start
             assert torch.equal(layer.adapter_up.weight, torch.zeros_like(layer.adapter_up.weight)), name
+        elif "houlsby" in config_id:  # N(0, 0.01²) truncated at ±0.02
+            assert layer.adapter_up.weight.abs().max() <= 0.02 and layer.adapter_up.weight.std() > 0.003, name
         else:  # bert: N(0, 0.02²)
             assert 0.005 < layer.adapter_up.weight.std() < 0.05, name
     if config_id == "par_bn":
@@ -272,7 +298,8 @@ def test_config_defaults_equal_adapterhub():
 
 # --- 3. AdapterHub's files: same outputs, gradients and counts ---------------------------------------
 CASES = [pytest.param(kind, cid, id=f"{kind}-{cid}") for kind in ("bert", "llama") for cid in ALL_CONFIGS] + [
-    pytest.param(kind, cid, id=f"{kind}-{cid}") for kind in ("bert_cls", "llama_cls") for cid in PRESETS]
+    pytest.param(kind, cid, id=f"{kind}-{cid}") for kind in ("bert_cls", "llama_cls") for cid in PRESETS] + [
+    pytest.param("bert", cid, id=f"bert-{cid}") for cid in POST_NORM_OPTIONS]
 
 
 @pytest.mark.parametrize("kind,config_id", CASES)
@@ -280,7 +307,7 @@ def test_adapterhub_file_outputs_and_gradients(kind, config_id, tmp_path, tiny_m
     base = tiny_model(kind)
     batch = tiny_batch(kind)
     assert (batch["attention_mask"] == 0).any()
-    hub = hub_saved(base, ALL_CONFIGS[config_id][0](), tmp_path)
+    hub = hub_saved(base, {**ALL_CONFIGS, **POST_NORM_OPTIONS}[config_id][0](), tmp_path)
     ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
     assert ours.peft_edu_config.task_type == ("SEQ_CLS" if kind.endswith("_cls") else None)
 
@@ -426,13 +453,12 @@ def test_frozen_model_unchanged_and_unload(kind, tiny_model, tiny_batch):
 
 # --- 6. bad input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(ln_after=True), r"ln_after=True: peft_edu implements bottleneck adapters with ln_after=False only"),
-    (dict(ln_before=True), r"ln_before=True"),
-    (dict(original_ln_after=False), r"original_ln_after=False"),
-    (dict(residual_before_ln="post_add"), r"residual_before_ln='post_add'"),
-    (dict(adapter_residual_before_ln=True), r"adapter_residual_before_ln=True"),
+    (dict(ln_before="yes"), r"ln_before='yes': must be True or False"),
+    (dict(original_ln_after=None), r"original_ln_after=None: must be True or False"),
+    (dict(residual_before_ln="pre"), r"residual_before_ln='pre': True, False or 'post_add'"),
+    (dict(residual_before_ln="post_add", original_ln_before=False), r"'post_add' takes h \+ x, which only exists"),
     (dict(scaling="learned"), r"scaling='learned'.*'learned' and 'channel' scalings are not implemented"),
-    (dict(init_weights="houlsby"), r"init_weights='houlsby'"),
+    (dict(init_weights="xavier"), r"init_weights='xavier': one of \('bert', 'mam_adapter', 'houlsby'\)"),
     (dict(non_linearity="sigmoidish"), r"non_linearity='sigmoidish' is not an activation transformers knows"),
     (dict(reduction_factor=0), r"reduction_factor=0: must be a positive number"),
     (dict(reduction_factor={"first": 8}), r"keys of a per-layer mapping are layer indices and 'default'"),
@@ -488,12 +514,12 @@ def test_other_architectures_are_refused():
 
 
 @pytest.mark.parametrize("hub_config,message", [
-    (lambda: adapters.SeqBnConfig(ln_after=True), r"ln_after=True: peft_edu implements"),
+    (lambda: adapters.SeqBnInvConfig(), r"options peft_edu does not implement: inv_adapter='nice'"),
     (lambda: adapters.SeqBnConfig(use_gating=True), r"options peft_edu does not implement: use_gating=True"),
     (lambda: adapters.ParBnConfig(scaling="learned"), r"scaling='learned'"),
     (lambda: adapters.CompacterConfig(reduction_factor=4), r"phm_layer=True"),
     (lambda: adapters.LoRAConfig(), r"a 'lora' adapter; peft_edu reads AdapterHub's bottleneck adapters"),
-], ids=["ln_after", "gating", "learned-scaling", "compacter", "lora"])
+], ids=["invertible", "gating", "learned-scaling", "compacter", "lora"])
 def test_adapterhub_options_we_do_not_implement(hub_config, message, tmp_path, tiny_model, tiny_batch):
     base = tiny_model("bert")
     hub_saved(base, hub_config(), tmp_path)
@@ -546,12 +572,25 @@ def test_shape_mismatch_names_the_module_and_both_shapes(tmp_path, tiny_model, t
     with pytest.raises(ValueError, match=r"Shape mismatch at encoder\.layer\.1\.output: the file has adapter_up of "
                                          r"shape \(32, 3\), the model expects \(32, 2\)"):
         peft_edu.load_adapter(copy.deepcopy(base), tmp_path / "hub")
-    weights["encoder.layer.1.output.adapters.a.adapter_norm_after.weight"] = torch.ones(32)
+    weights["encoder.layer.1.output.adapters.a.gate.weight"] = torch.ones(1, 32)  # AdapterHub's gating
     del weights[key]
     save_file(weights, tmp_path / "hub" / "adapter.safetensors")
     with pytest.raises(ValueError, match=r"a tensor peft_edu cannot place: 'encoder\.layer\.1\.output\.adapters\.a\."
-                                         r"adapter_norm_after\.weight'"):
+                                         r"gate\.weight'"):
         peft_edu.load_adapter(copy.deepcopy(base), tmp_path / "hub")
+
+
+@pytest.mark.parametrize("config,message", [
+    (lambda: peft_edu.SeqBnConfig(original_ln_after=False), r"original_ln_after=False in a pre-norm layer"),
+    (lambda: peft_edu.SeqBnConfig(residual_before_ln="post_add"), r"'post_add' needs the layer's own LayerNorm"),
+], ids=["no-original-ln-after", "post-add"])
+def test_post_norm_only_options_are_refused_in_pre_norm_models(config, message, tiny_model, tiny_batch):
+    base = tiny_model("llama")
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=message):
+        peft_edu.get_peft_model(model, config())
+    assert not has_adapter_parts(model) and torch.equal(forward(model, tiny_batch("llama")),
+                                                        forward(base, tiny_batch("llama")))
 
 
 # --- 7. the real pretrained encoder (slow) ----------------------------------------------------------------
