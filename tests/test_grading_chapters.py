@@ -1,0 +1,85 @@
+"""Sandboxed grading (`make grade CHAPTER=...`) of the DoRA and adapters chapters: right, blank, wrong, corrupt.
+
+Submissions are built from each chapter's master notebook by ``tests/grading_helpers.py``; the LoRA chapter's
+grading, with its hostile submissions, is in ``test_grading.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from grading_helpers import grade, needs_bwrap, submission
+
+from peft_edu.grading import questions_of
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = {"q1": 1.0, "q2": 2.0, "q3": 2.0}
+
+# chapter -> the answer names of its questions, right answers, one wrong answer per question, and a phrase of the
+# feedback each wrong answer must get
+CHAPTERS = {
+    "adapters": {
+        "answers": ["bottleneck_params", "adapter_forward", "ia3_scale_ffn"],
+        "right": {
+            "q1": "def bottleneck_params(d, reduction_factor):\n    m = d // reduction_factor\n    return 2 * d * m + m + d",
+            "q2": ("def adapter_forward(h, W_down, b_down, W_up, b_up):\n"
+                   "    return h + torch.relu(h @ W_down.T + b_down) @ W_up.T + b_up"),
+            "q3": "def ia3_scale_ffn(x, W, b, l):\n    return (x * l) @ W.T + b",
+        },
+        "wrong": {
+            "q1": "def bottleneck_params(d, reduction_factor):\n    return 2 * d * (d // reduction_factor)",
+            "q2": "def adapter_forward(h, W_down, b_down, W_up, b_up):\n    return torch.relu(h @ W_down.T + b_down) @ W_up.T + b_up",
+            "q3": "def ia3_scale_ffn(x, W, b, l):\n    return (x @ W.T + b) * l",
+        },
+        "feedback": ["the two weight matrices only", "residual (skip) connection", "scaled the layer's output"],
+    },
+    "dora": {
+        "answers": ["weight_norm", "dora_weight", "dora_forward"],
+        "right": {
+            "q1": "def weight_norm(W):\n    return (W * W).sum(dim=1).sqrt()",
+            "q2": ("def dora_weight(W0, A, B, m, alpha, r):\n    V = W0 + alpha / r * B @ A\n"
+                   "    return (m / V.norm(dim=1)).unsqueeze(1) * V"),
+            "q3": ("def dora_forward(x, W0, A, B, m, alpha, r):\n    V = W0 + alpha / r * B @ A\n"
+                   "    g = m / V.norm(dim=1).detach()\n    return (x @ V.T) * g"),
+        },
+        "wrong": {
+            "q1": "def weight_norm(W):\n    return W.norm(dim=0)",
+            "q2": ("def dora_weight(W0, A, B, m, alpha, r):\n    V = W0 + B @ A\n"
+                   "    return (m / V.norm(dim=1)).unsqueeze(1) * V"),
+            "q3": ("def dora_forward(x, W0, A, B, m, alpha, r):\n    V = W0 + alpha / r * B @ A\n"
+                   "    return (x @ V.T) * (m / V.norm(dim=1))"),
+        },
+        "feedback": ["wrong axis", "missing its scaling alpha / r", "gradient flows through ‖V‖"],
+    },
+}
+
+pytestmark = [needs_bwrap, pytest.mark.parametrize("chapter", list(CHAPTERS))]
+
+
+def master(chapter: str) -> Path:
+    return ROOT / "notebooks" / f"{chapter}.ipynb"
+
+
+def test_questions_come_from_the_master_notebook(chapter):
+    assert [(q.name, q.points, q.answer) for q in questions_of(master(chapter))] == [
+        (q, points, answer) for (q, points), answer in zip(FULL.items(), CHAPTERS[chapter]["answers"])]
+
+
+def test_right_blank_wrong_and_corrupt_submissions(chapter, tmp_path):
+    case, notebook = CHAPTERS[chapter], master(chapter)
+    right, wrong = case["right"], case["wrong"]
+    scores = grade(tmp_path, notebook, {
+        "right": submission(notebook, right), "blank": submission(notebook, {}),
+        **{f"wrong_{q}": submission(notebook, right | {q: answer}) for q, answer in wrong.items()},
+        "corrupt": '{"cells": [ this is not json',
+    })
+    assert scores["right"] == FULL
+    assert scores["blank"] == dict.fromkeys(FULL, 0.0)
+    assert scores["corrupt"] == dict.fromkeys(FULL, 0.0)
+    for q in wrong:
+        assert scores[f"wrong_{q}"] == FULL | {q: 0.0}
+    feedback = tmp_path / "out" / "feedback"
+    for q, phrase in zip(wrong, case["feedback"]):
+        assert phrase in (feedback / f"wrong_{q}.md").read_text()
+    assert "could not be read as a notebook" in (feedback / "corrupt.md").read_text()
