@@ -7,25 +7,15 @@
     peft_edu.save_adapter(model, "my-adapter")        # loads with peft.PeftModel.from_pretrained too
 """
 
-from .bottleneck import BottleneckAdapter
-from .config import (
-    BnConfig,
-    ConfigUnion,
-    DoubleSeqBnConfig,
-    IA3Config,
-    LoraConfig,
-    MAMConfig,
-    ParBnConfig,
-    PeftConfig,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    SeqBnConfig,
-)
+# Importing a method's module registers it (registry.py): these imports are the list of the course's methods.
+from .bottleneck import BnConfig, BottleneckAdapter, DoubleSeqBnConfig, MAMConfig, ParBnConfig, SeqBnConfig
+from .config import ConfigUnion, PeftConfig
 from .dora import DoraLinear
-from .ia3 import IA3Linear
-from .lora import LoraLinear
-from .prefix_tuning import PrefixEncoder
-from .prompt_tuning import PromptEmbedding
+from .ia3 import IA3Config, IA3Linear
+from .lora import LoraConfig, LoraLinear
+from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .registry import register_method
 from .model import (
     count_parameters,
     get_peft_model,
@@ -41,5 +31,5 @@ __all__ = [
     "LoraConfig", "PeftConfig", "LoraLinear", "DoraLinear", "count_parameters", "get_peft_model", "load_adapter", "merge",
     "print_trainable_parameters", "save_adapter", "unload", "unmerge", "IA3Config", "IA3Linear",
     "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "MAMConfig", "BottleneckAdapter",
-    "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding",
+    "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding", "register_method",
 ]

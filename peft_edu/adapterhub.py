@@ -36,8 +36,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .bottleneck import find_sites
-from .config import CLASSIFIER_HEAD_NAMES, BnConfig, ConfigUnion, PeftConfig, PrefixTuningConfig
+from .bottleneck import BnConfig, find_sites
+from .config import CLASSIFIER_HEAD_NAMES, ConfigUnion, PeftConfig
+from .prefix_tuning import PrefixTuningConfig
 from .virtual_tokens import PROMPT_EMBEDDINGS_KEY
 
 CONFIG_NAME = "adapter_config.json"

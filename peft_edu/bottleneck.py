@@ -63,13 +63,15 @@ every attention layer plus a parallel adapter next to every FFN.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .config import BnConfig, ConfigUnion, PeftConfig
+from .config import ConfigUnion, PeftConfig
 from .injection import AdapterLayer, TrainedCopy, replace_module
+from .prefix_tuning import PrefixTuningConfig
+from .registry import register_method
 
 LOCATIONS = ("mh_adapter", "output_adapter")  # AdapterHub's location keys: after attention, after the FFN
 
@@ -79,6 +81,176 @@ MERGE_ERROR = (
     "change of a weight matrix can reproduce (LoRA's B·A has nothing between B and A, which is why it merges). "
     "Keep the adapter at inference, or call peft_edu.unload(model) to get the base model back."
 )
+
+
+# --- the configs (AdapterHub's, with its field names and defaults) ---------------------------------------
+BN_INITS = ("bert", "mam_adapter", "houlsby")
+
+
+@dataclass(kw_only=True)
+class BnConfig(PeftConfig):
+    """Bottleneck adapters, AdapterHub's ``BnConfig`` with its field names and defaults; see ``peft_edu.bottleneck``.
+
+    Use a preset (``SeqBnConfig``, ``DoubleSeqBnConfig``, ``ParBnConfig``) or give the four required fields.
+
+    mh_adapter / output_adapter: add an adapter at the attention sublayer's output / the FFN's output.
+    reduction_factor: the bottleneck has ``int(hidden_size // reduction_factor)`` units (at least 1). A dict gives
+        per-layer sizes, AdapterHub's ``{"0": 8, "default": 16}`` (int keys are turned into strings).
+    non_linearity: the activation between the projections (a name transformers knows: "relu", "swish", "gelu"...).
+    original_ln_before: Pfeiffer's placement: the adapter reads LayerNorm(h + x), the sublayer's output after the
+        residual (and, in post-norm models, after the pretrained LayerNorm) instead of h.
+    original_ln_after: after the adapter, add x and apply the pretrained LayerNorm (post-norm) as the layer did
+        without an adapter; False leaves both out (pre-norm models: not implemented, it would drop x altogether).
+    residual_before_ln: what the serial adapter's own skip connection carries: True h, False the adapter's input
+        (LayerNorm(h + x) with original_ln_before), "post_add" h + x (needs original_ln_before, post-norm only).
+    ln_before / ln_after: a new trainable LayerNorm on the adapter's input / on its output.
+    adapter_residual_before_ln: with ln_after, add the skip connection before that LayerNorm instead of after.
+    is_parallel: the adapter reads the sublayer's input x and its output is added next to the sublayer's (He et al.).
+    scaling: a number s that multiplies the adapter's output (He et al. use 4.0).
+    init_weights: "bert" (both projections ~ N(0, 0.02²), biases 0), "houlsby" (both ~ N(0, 0.01²) truncated at
+        ±0.02, biases 0) or "mam_adapter" (down projection kaiming-uniform, up projection 0: the adapter starts as
+        the identity). init_weights_seed: reseed before each adapter module's init, as AdapterHub does (0 or None:
+        no reseeding).
+    leave_out: layer indices (from 0) that get no adapter. dropout: on the adapter's output.
+    target_modules must stay None: the placement comes from mh_adapter / output_adapter.
+    """
+
+    mh_adapter: bool
+    output_adapter: bool
+    reduction_factor: float | dict
+    non_linearity: str
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    ln_before: bool = False
+    ln_after: bool = False
+    init_weights: str = "bert"
+    init_weights_seed: int | None = None
+    is_parallel: bool = False
+    scaling: float = 1.0
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    leave_out: list = field(default_factory=list)
+    dropout: float = 0.0
+
+    peft_type = "BOTTLENECK"
+
+    def settings_summary(self) -> str:
+        return f"reduction_factor={self.reduction_factor!r}"
+
+    def check_union_member(self, union) -> None:
+        if self.task_type is not None or self.modules_to_save is not None:
+            raise ValueError("Give task_type and modules_to_save to the ConfigUnion, not to its members.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target_modules is not None:
+            raise ValueError(f"target_modules={self.target_modules!r}: bottleneck adapters are placed by mh_adapter "
+                             "(after attention) and output_adapter (after the FFN), not by target_modules; leave it None.")
+        for name in ("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after", "ln_before", "ln_after",
+                     "adapter_residual_before_ln", "is_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False.")
+        if not (self.mh_adapter or self.output_adapter):
+            raise ValueError("mh_adapter=False and output_adapter=False: this config adds no adapter anywhere.")
+        if self.residual_before_ln not in (True, False, "post_add") or not isinstance(self.residual_before_ln, (bool, str)):
+            raise ValueError(f"residual_before_ln={self.residual_before_ln!r}: True, False or 'post_add'.")
+        if self.residual_before_ln == "post_add" and not self.original_ln_before:
+            raise ValueError("residual_before_ln='post_add' takes h + x, which only exists with original_ln_before=True "
+                             "(AdapterHub fails on this combination too).")
+        rf = self.reduction_factor
+        if isinstance(rf, dict):
+            self.reduction_factor = rf = {str(k): v for k, v in rf.items()}
+            bad = [k for k in rf if k != "default" and not k.isdigit()]
+            if bad or not rf:
+                raise ValueError(f"reduction_factor={rf!r}: the keys of a per-layer mapping are layer indices and "
+                                 "'default', e.g. {'0': 8, 'default': 16}.")
+            values = list(rf.values())
+        else:
+            values = [rf]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values):
+            raise ValueError(f"reduction_factor={rf!r}: must be a positive number (hidden_size // reduction_factor "
+                             "units) or a mapping from layer index / 'default' to positive numbers.")
+        if not isinstance(self.non_linearity, str):
+            raise ValueError(f"non_linearity={self.non_linearity!r}: give an activation name such as 'relu' or 'swish'.")
+        from transformers.activations import ACT2FN  # transformers' names, as AdapterHub uses them
+
+        if self.non_linearity.lower() not in ACT2FN and self.non_linearity.lower() != "leakyrelu":
+            raise ValueError(f"non_linearity={self.non_linearity!r} is not an activation transformers knows "
+                             f"(e.g. {sorted(ACT2FN)[:12]}...).")
+        if self.init_weights not in BN_INITS:
+            raise ValueError(f"init_weights={self.init_weights!r}: one of {BN_INITS}, as in AdapterHub.")
+        if self.init_weights_seed is not None and (isinstance(self.init_weights_seed, bool)
+                                                   or not isinstance(self.init_weights_seed, int)):
+            raise ValueError(f"init_weights_seed={self.init_weights_seed!r}: an integer or None.")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise ValueError(f"scaling={self.scaling!r}: peft_edu implements a fixed number only (AdapterHub's "
+                             "'learned' and 'channel' scalings are not implemented).")
+        self.scaling = float(self.scaling)
+        if not isinstance(self.leave_out, (list, tuple, set)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.leave_out):
+            raise ValueError(f"leave_out={self.leave_out!r}: a list of layer indices (integers from 0).")
+        self.leave_out = sorted(self.leave_out)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r}: a probability in [0, 1).")
+
+
+@dataclass(kw_only=True)
+class SeqBnConfig(BnConfig):
+    """Pfeiffer et al. (arXiv 2005.00247): one serial adapter after the FFN; it reads LayerNorm(h + x). ReLU, m = d/16."""
+
+    original_ln_before: bool = True
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    non_linearity: str = "relu"
+    reduction_factor: float | dict = 16
+
+
+@dataclass(kw_only=True)
+class DoubleSeqBnConfig(BnConfig):
+    """Houlsby et al. (arXiv 1902.00751): serial adapters after the attention and after the FFN. Swish, m = d/16."""
+
+    mh_adapter: bool = True
+    output_adapter: bool = True
+    non_linearity: str = "swish"
+    reduction_factor: float | dict = 16
+
+
+@dataclass(kw_only=True)
+class ParBnConfig(BnConfig):
+    """He et al. (arXiv 2110.04366): a parallel adapter next to the FFN, scaled by 4, starting as the identity."""
+
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    non_linearity: str = "relu"
+    reduction_factor: float | dict = 2
+    init_weights: str = "mam_adapter"
+    is_parallel: bool = True
+    scaling: float = 4.0
+
+
+def MAMConfig(prefix_tuning: PrefixTuningConfig | None = None, adapter: BnConfig | None = None,
+              task_type: str | None = None, **fields) -> ConfigUnion:
+    """Mix-and-match adapters (He et al., arXiv 2110.04366) as AdapterHub's ``MAMConfig`` builds them: the ConfigUnion
+    of prefix tuning in every attention layer and a parallel adapter next to every FFN.
+
+    prefix_tuning: default ``PrefixTuningConfig(num_virtual_tokens=30, prefix_projection=True,
+        encoder_hidden_size=800, task_type=task_type)``, AdapterHub's default (30 virtual tokens, re-parameterised by
+        an MLP of width 800).
+    adapter: default ``ParBnConfig()`` (bottleneck d/2, scaled by 4, starting as the identity).
+    task_type: required (the prefix needs one); modules_to_save and the other fields go to the union.
+    (A function, not a class as in AdapterHub: what it returns is an ordinary ConfigUnion, saved and loaded as one.)
+    """
+    if task_type is None:
+        raise ValueError(f"MAMConfig needs a task_type, one of {PrefixTuningConfig.PROMPT_TASK_TYPES}: "
+                         "its prefix decides by it what happens to token_type_ids.")
+    if prefix_tuning is None:
+        prefix_tuning = PrefixTuningConfig(num_virtual_tokens=30, prefix_projection=True, encoder_hidden_size=800,
+                                           task_type=task_type)
+    adapter = ParBnConfig() if adapter is None else adapter
+    if not isinstance(prefix_tuning, PrefixTuningConfig) or not isinstance(adapter, BnConfig):
+        raise TypeError(f"MAMConfig(prefix_tuning=PrefixTuningConfig(...), adapter=ParBnConfig(...)), not "
+                        f"prefix_tuning={type(prefix_tuning).__name__}, adapter={type(adapter).__name__}.")
+    return ConfigUnion(prefix_tuning, adapter, task_type=task_type, **fields)
 
 
 # --- where adapters go ------------------------------------------------------------------------------
@@ -147,17 +319,8 @@ def find_sites(model: nn.Module) -> list[Site]:
     return sites
 
 
-def bottleneck_members(config: PeftConfig) -> list[BnConfig]:
-    if isinstance(config, ConfigUnion):
-        return [c for c in config.configs if isinstance(c, BnConfig)]
-    if isinstance(config, BnConfig):
-        return [config]
-    raise TypeError(f"Not a bottleneck config: {type(config).__name__}.")
-
-
-def plan(model: nn.Module, config: PeftConfig) -> dict[Site, BnConfig]:
+def plan(model: nn.Module, members: list[BnConfig]) -> dict[Site, BnConfig]:
     """Which config each site gets (sites that get none are left out), checked against the model."""
-    members = bottleneck_members(config)
     sites = find_sites(model)
     n_layers = 1 + max(s.layer for s in sites)
     for c in members:
@@ -365,9 +528,10 @@ def hidden_size_of(model: nn.Module) -> int:
     return size
 
 
-def inject_bottleneck(model: nn.Module, config: PeftConfig) -> None:
-    """Wrap each site that ``config`` (a BnConfig or a ConfigUnion of them) selects in a BottleneckAdapter."""
-    for site, member in plan(model, config).items():  # in AdapterHub's order: same seed, same initial weights
+def inject_bottleneck(model: nn.Module, configs: list[BnConfig], in_union: bool = False) -> list[BnConfig]:
+    """Wrap each site that ``configs`` (one BnConfig, or a ConfigUnion's bottleneck members) select in a
+    BottleneckAdapter."""
+    for site, member in plan(model, configs).items():  # in AdapterHub's order: same seed, same initial weights
         tap = None
         if site.style == "pre_norm" and (member.is_parallel or member.original_ln_before):
             tap = model.get_submodule(site.residual_norm)
@@ -377,3 +541,7 @@ def inject_bottleneck(model: nn.Module, config: PeftConfig) -> None:
         base = model.get_submodule(site.module)
         replace_module(model, site.module, BottleneckAdapter(
             base, member, hidden_size_of(model), site.layer, site.location, site.style, residual_tap=tap))
+    return configs
+
+
+register_method(BnConfig, inject_bottleneck)

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lora import LoraLinear
+from .lora import LoraLinear, register_lora_variant
 
 
 class DoraLinear(LoraLinear):
@@ -79,11 +79,10 @@ class DoraLinear(LoraLinear):
         version counter), a new tensor (``.to(...)``, ``weight.data = ...``) and deepcopies. A write
         through ``weight.data`` in place bypasses the version counter: call ``clear_norm_cache()`` then.
         """
-        w = self.base_layer.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), dtype)
+        key = (self.base_weight_version(), dtype)
         if self._base_norm_cache is None or self._base_norm_cache[0] != key:
             with torch.no_grad():
-                sq = torch.linalg.vector_norm(w, dim=1, dtype=dtype).square()
+                sq = torch.linalg.vector_norm(self.base_weight(), dim=1, dtype=dtype).square()
             self._base_norm_cache = (key, sq)
         return self._base_norm_cache[1]
 
@@ -93,7 +92,7 @@ class DoraLinear(LoraLinear):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """‖W₀ + s·BA‖ per output feature (shape d_out), without forming W₀ + s·BA; no gradient."""
-        w = self.base_layer.weight
+        w = self.base_weight()
         dtype = torch.promote_types(w.dtype, torch.float32)  # fp16/bf16 weights: accumulate in float32
         A, B = self.lora_A.weight, self.lora_B.weight
         w_At = (w @ A.to(w.dtype).T).to(dtype)  # W₀Aᵀ, d_out × r
@@ -107,14 +106,14 @@ class DoraLinear(LoraLinear):
     @torch.no_grad()
     def dense_weight_norm(self) -> torch.Tensor:
         """The same norm the way PEFT takes it, from the dense W₀ + s·BA (for tests and comparison)."""
-        w = self.base_layer.weight
+        w = self.base_weight()
         return torch.linalg.vector_norm(w + self.delta_weight().to(w.dtype), dim=1)
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # g ⊙ (W₀ + s·BA) already lives inside base_layer.weight
             return self.base_layer(x)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight, bias = self.base_weight(), self.base_bias()
         g = self.lora_magnitude_vector / self.weight_norm()  # the norm is a constant (no_grad)
         x_lora = x.to(self.lora_A.weight.dtype)
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
@@ -131,13 +130,12 @@ class DoraLinear(LoraLinear):
     # --- merge / unmerge --------------------------------------------------------------------------
     @torch.no_grad()
     def merge_into_base(self) -> None:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         g = (self.lora_magnitude_vector / self.weight_norm()).to(weight.dtype)
         if not torch.isfinite(g).all() or (g == 0).any():
             raise ValueError("Cannot merge this DoRA layer: a magnitude is zero or a norm is zero/not finite, so "
                              "the merged weight could not be unmerged again (rows would be lost).")
-        weight += self.delta_weight().to(weight.dtype)
-        weight *= g.unsqueeze(1)
+        self.set_base_weight((weight + self.delta_weight().to(weight.dtype)) * g.unsqueeze(1))
         self._merge_factor = g
         self.clear_norm_cache()
 
@@ -145,11 +143,13 @@ class DoraLinear(LoraLinear):
     def unmerge_from_base(self) -> None:
         # Divide by the very g that merge used (PEFT stores the norm and recomputes m / norm, which
         # goes wrong if m was changed while merged); W₀ is then what it was, up to rounding.
-        weight = self.base_layer.weight
-        weight /= self._merge_factor.unsqueeze(1)
-        weight -= self.delta_weight().to(weight.dtype)
+        weight = self.base_weight()
+        self.set_base_weight(weight / self._merge_factor.unsqueeze(1) - self.delta_weight().to(weight.dtype))
         self._merge_factor = None
         self.clear_norm_cache()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"
+
+
+register_lora_variant("use_dora", DoraLinear)

@@ -45,12 +45,68 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import IA3Config
+from .config import PeftConfig
 from .injection import AdapterLayer, find_targets, replace_module
+from .registry import register_method
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """(IA)³ (arXiv 2205.05638): vectors, initialised to ones, rescale activations; see ``peft_edu.ia3``.
+
+    target_modules: the nn.Linear layers that get a vector. None takes PEFT's defaults for the model's
+        ``config.model_type`` (BERT: key, value, output.dense; Llama: k_proj, v_proj, down_proj).
+    feedforward_modules: the targets whose *input* is scaled, h = W (l ⊙ x) + b; the other targets
+        scale their output, h = l ⊙ (W x + b). A list must be a subset of target_modules (PEFT's
+        rule) and an entry selects each targeted module whose name ends with it; a string is a
+        regex matched against the whole name. None takes PEFT's defaults for the model type; []: none.
+    init_ia3_weights: True starts from ones (the base model exactly); False keeps N(0, 1) as PEFT does.
+    fan_in_fan_out: only False (nn.Linear); PEFT uses True for GPT-2's Conv1D, which peft_edu does not adapt.
+    """
+
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    peft_type = "IA3"
+
+    def settings_summary(self) -> str:
+        return f"feedforward_modules={self.feedforward_modules!r}"
+
+    def __post_init__(self):
+        super().__post_init__()
+        ff = self.feedforward_modules
+        if isinstance(ff, (list, tuple, set)):
+            self.feedforward_modules = ff = list(ff)
+            if not all(isinstance(f, str) and f for f in ff):
+                raise ValueError(f"feedforward_modules={ff!r}: give a list of module names "
+                                 '(e.g. ["output.dense"] or ["down_proj"]), [] for none, or one regular expression.')
+        elif ff is not None and not isinstance(ff, str):
+            raise TypeError(f"feedforward_modules must be a list of names or a regex string, not {type(ff).__name__}.")
+        if self.fan_in_fan_out is not False:
+            raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r}: only False (nn.Linear stores W as (out, in)); "
+                             "True is for GPT-2-style Conv1D layers, which peft_edu does not adapt.")
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ValueError(f"init_ia3_weights={self.init_ia3_weights!r}: must be True (ones) or False (random).")
+        # PEFT's rule, checked when both are lists: a feed-forward module must also be a target.
+        if isinstance(ff, list) and isinstance(self.target_modules, list):
+            extra = [f for f in ff if f not in self.target_modules]
+            if extra:
+                raise ValueError(
+                    f"feedforward_modules entries {extra} are not in target_modules {self.target_modules}: "
+                    f"feedforward_modules must be a subset of target_modules (PEFT's rule); add {extra} to target_modules."
+                )
+
+    def to_peft_dict(self) -> dict:
+        d = super().to_peft_dict()
+        if isinstance(d["feedforward_modules"], list):
+            d["feedforward_modules"] = sorted(d["feedforward_modules"])
+        return d
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, for model types whose
 # targets are nn.Linear (GPT-2-style Conv1D models are left out: peft_edu adapts nn.Linear only).
@@ -98,16 +154,15 @@ class IA3Linear(AdapterLayer):
     """
 
     def __init__(self, base_layer: nn.Linear, is_feedforward: bool, init_ia3_weights: bool = True):
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"IA3Linear wraps an nn.Linear, not a {type(base_layer).__name__}.")
         super().__init__(base_layer)
-        d_out, d_in = base_layer.weight.shape
+        weight = self.base_weight()
+        d_out, d_in = weight.shape
         self.is_feedforward = is_feedforward
         shape = (1, d_in) if is_feedforward else (d_out, 1)
         vector = torch.randn(shape)  # drawn even when overwritten, as PEFT does (same random stream)
         if init_ia3_weights:
             vector = torch.ones(shape)
-        self.ia3_l = nn.Parameter(vector.to(device=base_layer.weight.device, dtype=base_layer.weight.dtype))
+        self.ia3_l = nn.Parameter(vector.to(device=weight.device, dtype=weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # l already lives inside base_layer.weight (and bias)
@@ -120,15 +175,15 @@ class IA3Linear(AdapterLayer):
 
     @torch.no_grad()
     def merge_into_base(self) -> None:
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        weight.copy_(torch.mul(weight, self.ia3_l))  # (d_out, 1) scales rows, (1, d_in) scales columns
+        weight, bias = self.base_weight(), self.base_bias()
+        self.set_base_weight(torch.mul(weight, self.ia3_l))  # (d_out, 1) scales rows, (1, d_in) scales columns
         if not self.is_feedforward and bias is not None:
             bias.copy_(torch.mul(bias, self.ia3_l.reshape(bias.shape)))
 
     @torch.no_grad()
     def unmerge_from_base(self) -> None:
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        weight.copy_(torch.div(weight, self.ia3_l + 1e-8))  # PEFT's guard against l = 0
+        weight, bias = self.base_weight(), self.base_bias()
+        self.set_base_weight(torch.div(weight, self.ia3_l + 1e-8))  # PEFT's guard against l = 0
         if not self.is_feedforward and bias is not None:
             bias.copy_(torch.div(bias, self.ia3_l.reshape(bias.shape) + 1e-8))
 
@@ -144,11 +199,11 @@ def is_feedforward(feedforward_modules: list[str] | str, name: str) -> bool:
     return any(name.endswith(entry) for entry in feedforward_modules)
 
 
-def resolve_config(model: nn.Module, config: IA3Config) -> tuple[IA3Config, list[str]]:
-    """Fill PEFT's per-architecture defaults into ``config`` (a copy) and check it against ``model``.
+def resolve_config(model: nn.Module, config: IA3Config) -> IA3Config:
+    """A copy of ``config`` with PEFT's per-architecture defaults filled in, checked against ``model``.
 
-    Returns the resolved config and the names of the target modules. Unlike PEFT, the user's config
-    object is not changed, and every feed-forward entry must select one of the targeted modules.
+    Unlike PEFT, the user's config object is not changed, and every feed-forward entry must select one
+    of the targeted modules.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets, feedforward = config.target_modules, config.feedforward_modules
@@ -194,19 +249,25 @@ def resolve_config(model: nn.Module, config: IA3Config) -> tuple[IA3Config, list
                 f"feedforward_modules entry {unmatched[0]!r} matches none of the targeted modules, whose names "
                 f"look like {names[:3]}. A feed-forward module must also be a target."
             )
-    resolved = dataclasses.replace(config, target_modules=targets, feedforward_modules=feedforward)
-    return resolved, names
+    return dataclasses.replace(config, target_modules=targets, feedforward_modules=feedforward)
 
 
-def inject_ia3(model: nn.Module, config: IA3Config) -> None:
+def inject_ia3(model: nn.Module, configs: list[IA3Config], in_union: bool = False) -> list[IA3Config]:
     """Wrap every ``nn.Linear`` that ``config.target_modules`` selects in an ``IA3Linear``.
 
-    The resolved config (PEFT's defaults filled in) replaces ``model.peft_edu_config``, so that
-    ``save_adapter`` writes the lists that were used, as PEFT's ``adapter_config.json`` does.
+    Returns the resolved config (PEFT's defaults filled in), which ``save_adapter`` writes, so that
+    ``adapter_config.json`` holds the lists that were used, as PEFT's does.
     """
-    resolved, names = resolve_config(model, config)
-    model.peft_edu_config = resolved
-    for name in names:  # in model order, as PEFT: with init_ia3_weights=False both draw the same vectors
-        base = model.get_submodule(name)
-        replace_module(model, name, IA3Linear(base, is_feedforward=is_feedforward(resolved.feedforward_modules, name),
-                                              init_ia3_weights=resolved.init_ia3_weights))
+    resolved_configs = []
+    for config in configs:
+        resolved = resolve_config(model, config)
+        for name in find_targets(model, resolved.target_modules):  # in model order, as PEFT: with init_ia3_weights=False both draw the same vectors
+            base = model.get_submodule(name)
+            replace_module(model, name, IA3Linear(
+                base, is_feedforward=is_feedforward(resolved.feedforward_modules, name),
+                init_ia3_weights=resolved.init_ia3_weights))
+        resolved_configs.append(resolved)
+    return resolved_configs
+
+
+register_method(IA3Config, inject_ia3)

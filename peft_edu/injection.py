@@ -32,18 +32,54 @@ which is also why PEFT's adapter files map one to one onto our parameters.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 
-class AdapterLayer(nn.Module):
-    """Base class of every wrapper a method puts into the model.
+class AdapterModule(nn.Module):
+    """What every module a method puts into a model is: it holds adapter tensors and can take itself out.
+
+    ``save_adapter``, ``load_adapter`` and ``unload`` find these modules by this type and ask them; a new kind
+    of module (a wrapped layer, a prompt encoder, ...) needs nothing else from the rest of the package.
+    """
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their file keys (without PEFT's ``base_model.model.`` prefix).
+
+        ``name`` is this module's name in the model; the default keys are ``<name>.<tensor>``. The tensors
+        share storage with the parameters, so that copying into them loads an adapter.
+        """
+        return {f"{name}.{key}": tensor for key, tensor in self.own_state_dict().items()}
+
+    def own_state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_adapter_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the file's tensors (the keys of ``adapter_tensors``, shapes already checked) into this module."""
+        for key, target in self.adapter_tensors(name).items():
+            target.copy_(tensors[key])
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        """Take this module out of ``model`` and put back what it replaced."""
+        raise NotImplementedError
+
+
+class AdapterLayer(AdapterModule):
+    """Base class of every wrapper a method puts around a layer of the model.
 
     The frozen original sits in ``self.base_layer``; everything else a subclass registers is the
     adapter's state, which is what ``save_adapter`` writes. Subclasses that can be folded into the
     base weight implement ``merge_into_base`` and ``unmerge_from_base``.
+
+    A method reads the frozen weight through ``base_weight()`` / ``base_bias()`` and writes a merged one with
+    ``set_base_weight``, never through ``base_layer.weight``: a base layer that stores its weight differently
+    (transposed, quantised) then needs one ``dense_weight`` / ``set_dense_weight`` registration below, not an
+    edit in every method.
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -51,9 +87,33 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.merged = False
 
-    def adapter_state_dict(self) -> dict:
+    # --- the frozen weight ------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as a dense (d_out, d_in) matrix, the W₀ of the equations."""
+        return dense_weight(self.base_layer)
+
+    def base_bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Store a new dense (d_out, d_in) weight in the base layer (merging); no gradient."""
+        with torch.no_grad():
+            set_dense_weight(self.base_layer, weight)
+
+    def base_weight_version(self) -> tuple:
+        """Changes whenever the stored frozen weight does (in place, replaced, moved): for caches of W₀."""
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                     for p in self.base_layer.parameters(recurse=False))
+
+    # --- the adapter ------------------------------------------------------------------------------
+    def own_state_dict(self) -> dict:
         """The adapter's own tensors, keyed relative to this layer (``lora_A.weight``, ...)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        if self.merged:
+            self.unmerge()
+        replace_module(model, name, self.base_layer)
 
     def merge(self) -> None:
         if self.merged:
@@ -74,7 +134,31 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged.")
 
 
-class TrainedCopy(nn.Module):
+@functools.singledispatch
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The frozen weight of ``layer`` as a dense (d_out, d_in) matrix. Register one function per layer type."""
+    raise TypeError(f"peft_edu cannot read the weight of a {type(layer).__name__} as a dense (d_out, d_in) matrix; "
+                    "register a reader with @peft_edu.injection.dense_weight.register (and set_dense_weight).")
+
+
+@dense_weight.register
+def _(layer: nn.Linear) -> torch.Tensor:
+    return layer.weight
+
+
+@functools.singledispatch
+def set_dense_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Store a dense (d_out, d_in) ``weight`` in ``layer`` (called under no_grad)."""
+    raise TypeError(f"peft_edu cannot write a dense weight into a {type(layer).__name__}; register a writer with "
+                    "@peft_edu.injection.set_dense_weight.register.")
+
+
+@set_dense_weight.register
+def _(layer: nn.Linear, weight: torch.Tensor) -> None:
+    layer.weight.copy_(weight)  # in place: the parameter (and optimizers holding it) stay the same
+
+
+class TrainedCopy(AdapterModule):
     """A module trained in full next to the adapter (PEFT's ``modules_to_save``).
 
     Like PEFT we keep the pretrained module untouched and train a copy, so that the adapter can be
@@ -88,6 +172,12 @@ class TrainedCopy(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.modules_to_save(*args, **kwargs)
+
+    def own_state_dict(self) -> dict:
+        return self.modules_to_save.state_dict()  # saved under the head's own name, as PEFT does
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        replace_module(model, name, self.original_module)
 
 
 def matches(target_modules: list[str] | str, name: str) -> bool:
@@ -158,3 +248,8 @@ def train_copies_of(model: nn.Module, module_names: list[str]) -> None:
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def adapter_modules(model: nn.Module) -> dict[str, AdapterModule]:
+    """Every module a method put into ``model`` (layers, trained copies, prompt encoders), by name, outermost first."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterModule)}

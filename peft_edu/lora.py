@@ -15,12 +15,54 @@ low-rank update ΔW = B A with A ∈ ℝ^{r×d_in}, B ∈ ℝ^{d_out×r}, r ≪ 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import PeftConfig
 from .injection import AdapterLayer, find_targets, wrap_targets
+from .registry import register_method
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA (arXiv 2106.09685): W x + (lora_alpha / r) · B A x, with W frozen.
+
+    r: the rank of the update BA (a positive integer).
+    lora_alpha: the numerator of the scaling; ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)``
+        with ``use_rslora=True``, arXiv 2312.03732) multiplies BA.
+    lora_dropout: dropout applied to x on the LoRA path only, in [0, 1).
+    use_dora: weight-decomposed LoRA (arXiv 2402.09353), see ``peft_edu.dora``.
+    bias: only "none" (biases stay frozen), PEFT's default.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    bias: str = "none"
+
+    peft_type = "LORA"
+
+    def settings_summary(self) -> str:
+        return f"r={self.r}" + (", use_dora=True" if self.use_dora else "")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r={self.r!r}: the LoRA rank must be a positive integer (e.g. 4, 8 or 16).")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number (PEFT's default is 8).")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be a probability in [0, 1); 0 turns dropout off.")
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r}: peft_edu implements only bias='none' (biases stay frozen).")
+        if self.target_modules is None:
+            raise ValueError(
+                'LoraConfig needs target_modules, e.g. ["query", "value"] for BERT or ["q_proj", "v_proj"] for Llama.'
+            )
 
 
 class LoraLinear(AdapterLayer):
@@ -29,8 +71,9 @@ class LoraLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__(base_layer)
-        d_out, d_in = base_layer.weight.shape
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        weight = self.base_weight()
+        d_out, d_in = weight.shape
+        factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Linear(d_in, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, d_out, bias=False, **factory)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -55,23 +98,48 @@ class LoraLinear(AdapterLayer):
 
     @torch.no_grad()
     def merge_into_base(self) -> None:
-        weight = self.base_layer.weight
-        weight += self.delta_weight().to(weight.dtype)
+        weight = self.base_weight()
+        self.set_base_weight(weight + self.delta_weight().to(weight.dtype))
 
     @torch.no_grad()
     def unmerge_from_base(self) -> None:
-        weight = self.base_layer.weight
-        weight -= self.delta_weight().to(weight.dtype)
+        weight = self.base_weight()
+        self.set_base_weight(weight - self.delta_weight().to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def inject_lora(model: nn.Module, config: LoraConfig) -> None:
-    """Wrap every ``nn.Linear`` that ``config.target_modules`` selects in a ``LoraLinear``
-    (a ``DoraLinear`` with ``config.use_dora``)."""
-    from .dora import DoraLinear  # here, not at the top: dora.py builds on this module
+# The layer classes of LoRA's variants, by the config field that selects them; DoRA registers itself here
+# (dora.py builds on this module, so this module cannot import it).
+LAYER_VARIANTS: dict[str, type[LoraLinear]] = {}
 
-    layer_class = DoraLinear if config.use_dora else LoraLinear
-    wrap_targets(model, find_targets(model, config.target_modules), lambda base: layer_class(
-        base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora))
+
+def register_lora_variant(config_flag: str, layer_class: type[LoraLinear]) -> None:
+    """``LoraConfig(<config_flag>=True)`` wraps layers in ``layer_class`` instead of ``LoraLinear``."""
+    if not hasattr(LoraConfig, config_flag):
+        raise ValueError(f"LoraConfig has no field {config_flag!r} to select {layer_class.__name__}.")
+    LAYER_VARIANTS[config_flag] = layer_class
+
+
+def lora_layer_class(config: LoraConfig) -> type[LoraLinear]:
+    if config.use_dora and "use_dora" not in LAYER_VARIANTS:
+        raise RuntimeError("use_dora=True, but DoRA's layer is not registered: import peft_edu (or peft_edu.dora).")
+    chosen = [flag for flag in LAYER_VARIANTS if getattr(config, flag)]
+    if len(chosen) > 1:
+        raise ValueError(f"LoraConfig sets {chosen}; these variants cannot be combined.")
+    return LAYER_VARIANTS[chosen[0]] if chosen else LoraLinear
+
+
+def inject_lora(model: nn.Module, configs: list[LoraConfig], in_union: bool = False) -> list[LoraConfig]:
+    """Wrap every ``nn.Linear`` that ``config.target_modules`` selects in a ``LoraLinear`` (or the variant the
+    config selects: ``DoraLinear`` with ``use_dora``)."""
+    for config in configs:
+        layer_class = lora_layer_class(config)
+        wrap_targets(model, find_targets(model, config.target_modules), lambda base: layer_class(
+            base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora))
+    return configs
+
+
+register_method(LoraConfig, inject_lora)

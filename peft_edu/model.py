@@ -19,27 +19,30 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapterhub import is_adapterhub_directory, read_adapterhub_directory
-from .bottleneck import inject_bottleneck
-from .config import CLASSIFIER_HEAD_NAMES, BnConfig, ConfigUnion, IA3Config, LoraConfig, PeftConfig, load_config
-from .injection import AdapterLayer, TrainedCopy, adapter_layers, matches, replace_module, train_copies_of
-from .ia3 import inject_ia3
-from .lora import inject_lora
-from .prefix_tuning import inject_prefix_tuning
-from .prompt_tuning import inject_prompt_tuning
-from .virtual_tokens import PROMPT_EMBEDDINGS_KEY, BasePromptEncoder
-
-# One injector per method: each wraps the modules its method adapts (see injection.py).
-INJECTORS = {"LORA": inject_lora, "IA3": inject_ia3, "BOTTLENECK": inject_bottleneck,
-             "PREFIX_TUNING": inject_prefix_tuning, "PROMPT_TUNING": inject_prompt_tuning}
+from .config import CLASSIFIER_HEAD_NAMES, ConfigUnion, PeftConfig, load_config
+from .injection import adapter_layers, adapter_modules, matches, train_copies_of
+from .registry import method_for
+from .virtual_tokens import PROMPT_EMBEDDINGS_KEY
 
 
-def _inject_union(model: nn.Module, config: ConfigUnion) -> None:
-    """Each method of a ConfigUnion injects its own members (it gets the whole union), once per method."""
-    for peft_type in dict.fromkeys(c.peft_type for c in config.configs):
-        INJECTORS[peft_type](model, config)
+def inject(model: nn.Module, config: PeftConfig) -> PeftConfig:
+    """Add the method(s) of ``config`` to ``model`` through the registry; return the config as applied.
 
+    A ConfigUnion hands each method its own members, in the order the union lists them (the first member of a
+    method decides when that method's turn comes), and is rebuilt from what each method resolved.
+    """
+    if not isinstance(config, ConfigUnion):
+        (resolved,) = method_for(config.peft_type).inject(model, [config], False)
+        return resolved
+    by_method: dict[str, list[PeftConfig]] = {}
+    for member in config.configs:
+        by_method.setdefault(member.peft_type, []).append(member)
+    resolved_members = {}
+    for peft_type, members in by_method.items():
+        applied = method_for(peft_type).inject(model, members, True)
+        resolved_members.update(zip(map(id, members), applied, strict=True))
+    return dataclasses.replace(config, configs=[resolved_members[id(c)] for c in config.configs])
 
-INJECTORS["UNION"] = _inject_union
 
 PEFT_KEY_PREFIX = "base_model.model."
 
@@ -67,7 +70,7 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> nn.Module:
     try:
         model.requires_grad_(False)
         train_copies_of(model, _modules_to_save(model, config))
-        INJECTORS[config.peft_type](model, config)
+        model.peft_edu_config = inject(model, config)  # what save_adapter writes: the config as applied
     except Exception:
         unload(model)  # a bad config leaves the model as it was: no wrappers, same requires_grad
         raise
@@ -137,15 +140,8 @@ def unmerge(model: nn.Module) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """Take the adapter out (unmerging it first if needed) and give back the original model."""
     _peft_config(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, AdapterLayer):
-            if module.merged:
-                module.unmerge()
-            replace_module(model, name, module.base_layer)
-        elif isinstance(module, TrainedCopy):
-            replace_module(model, name, module.original_module)
-        elif isinstance(module, BasePromptEncoder):
-            module.detach(model)  # removes its forward pre-hook and model.prompt_encoder
+    for name, module in list(adapter_modules(model).items()):
+        module.remove(model, name)  # unmerges a merged layer first; a prompt encoder removes its hook too
     for name, param in model.named_parameters():
         param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
     del model.peft_edu_config, model.peft_edu_requires_grad
@@ -160,17 +156,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     methods have one tensor, ``prompt_embeddings`` (the prompt encoder's output, see ``virtual_tokens.py``).
     """
     state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            own = module.adapter_state_dict()
-        elif isinstance(module, TrainedCopy):
-            own = module.modules_to_save.state_dict()  # saved under the head's own name, as PEFT does
-        elif isinstance(module, BasePromptEncoder):
-            state[PROMPT_EMBEDDINGS_KEY] = module.prompt_embeddings()  # PEFT's one key, under no module name
-            continue
-        else:
-            continue
-        state.update({f"{name}.{key}": tensor for key, tensor in own.items()})
+    for name, module in adapter_modules(model).items():
+        state.update(module.adapter_tensors(name))
     return state
 
 
@@ -213,23 +200,13 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} does not exist (adapter_config.json is there, the weights are not).")
         saved = load_file(str(weights_path))
-    model = get_peft_model(base_model, _as_loaded(config))
+    model = get_peft_model(base_model, config.as_loaded())
     try:
         _copy_into(model, saved, config)
     except Exception:
         unload(model)
         raise
     return model
-
-
-def _as_loaded(config: PeftConfig) -> PeftConfig:
-    """PEFT's from_pretrained loads prompt-learning adapters in inference mode: the file holds the prompt encoder's
-    output, so a prefix_projection MLP is built as the plain table of that output (prefix_tuning.py)."""
-    if config.is_prompt_learning:
-        return dataclasses.replace(config, inference_mode=True)
-    if isinstance(config, ConfigUnion):
-        return dataclasses.replace(config, configs=[_as_loaded(c) for c in config.configs])
-    return config
 
 
 def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftConfig) -> None:
@@ -246,7 +223,8 @@ def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftCon
             lines.append(f"  {len(unexpected)} tensors in the file have no place in the model, e.g. {unexpected[:3]}")
         lines.append("Was the adapter trained on another base model?")
         raise ValueError("\n".join(lines))
-    owners = sorted((n for n, m in model.named_modules() if isinstance(m, (AdapterLayer, TrainedCopy))), key=len)
+    modules = adapter_modules(model)
+    owners = sorted(modules, key=len)
     for key, target in expected.items():
         if given[key].shape != target.shape:
             # "X.query" + "lora_A.weight" -> lora_A; "X.query" + "lora_magnitude_vector" (no .weight, as PEFT)
@@ -255,25 +233,7 @@ def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftCon
             raise ValueError(
                 f"Shape mismatch at {module}: the file has {tensor} of shape {tuple(given[key].shape)}, "
                 f"the model expects {tuple(target.shape)}. The adapter was trained on another base model "
-                f"or with other settings (here {_settings(config)})."
+                f"or with other settings (here {config.settings_summary()})."
             )
-    with torch.no_grad():
-        for key, target in expected.items():
-            if key == PROMPT_EMBEDDINGS_KEY:
-                model.prompt_encoder.load_prompt_embeddings(given[key])  # refuses a prefix_projection MLP
-            else:
-                target.copy_(given[key])
-
-
-def _settings(config: PeftConfig) -> str:
-    if isinstance(config, LoraConfig):
-        return f"r={config.r}" + (", use_dora=True" if config.use_dora else "")
-    if isinstance(config, IA3Config):
-        return f"feedforward_modules={config.feedforward_modules!r}"
-    if isinstance(config, BnConfig):
-        return f"reduction_factor={config.reduction_factor!r}"
-    if config.is_prompt_learning:
-        return f"num_virtual_tokens={config.num_virtual_tokens}"
-    if isinstance(config, ConfigUnion):
-        return "; ".join(f"{type(c).__name__}: {_settings(c)}" for c in config.configs)
-    return type(config).__name__
+    for name, module in modules.items():  # a prefix encoder with a prefix_projection MLP refuses the table
+        module.load_adapter_tensors(name, given)

@@ -63,22 +63,61 @@ tokens produced by an LSTM/MLP prompt encoder), which peft_edu does not implemen
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .config import ConfigUnion, PrefixTuningConfig
+from .registry import register_method
 from .virtual_tokens import (
     BasePromptEncoder,
+    PromptLearningConfig,
     batch_size_of,
     cache_is_empty,
     drop_with_warning,
     extend_attention_mask,
     resolve_config,
 )
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning (arXiv 2101.00190); with task_type="SEQ_CLS" on an encoder also P-tuning v2 (arXiv 2110.07602).
+
+    See ``peft_edu.prefix_tuning``. Every attention layer gets n trainable keys and values in front of the real ones.
+    prefix_projection: False: the prefix is a trainable table of shape (n, 2·num_layers·token_dim); True: it is the
+        output of Embedding(n, token_dim) → Linear(token_dim, encoder_hidden_size) → Tanh → Linear(.., 2·num_layers·token_dim).
+    encoder_hidden_size: that MLP's width (None: token_dim).
+    init_weights: None (random, PEFT's default) or "zero" (the table, or the MLP's last layer, starts at 0).
+    """
+
+    init_weights: str | None = None
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+
+    peft_type = "PREFIX_TUNING"
+
+    def check_union_member(self, union) -> None:
+        """A union (AdapterHub's mix-and-match) takes one prefix, with the union's task_type (see ``ConfigUnion``)."""
+        if self.task_type != union.task_type or self.modules_to_save is not None:
+            raise ValueError(
+                f"The PrefixTuningConfig member has task_type={self.task_type!r}, the ConfigUnion "
+                f"task_type={union.task_type!r}: give both the same task_type (modules_to_save to the union "
+                "only). MAMConfig(task_type=...) does this for you.")
+        if sum(isinstance(c, PrefixTuningConfig) for c in union.configs) > 1:
+            raise ValueError("ConfigUnion takes at most one PrefixTuningConfig (every attention layer gets one prefix).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"prefix_projection={self.prefix_projection!r}: must be True or False.")
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights={self.init_weights!r}: None (random) or 'zero', as in PEFT.")
+        h = self.encoder_hidden_size
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h <= 0):
+            raise ValueError(f"encoder_hidden_size={h!r}: a positive integer, or None for token_dim.")
 
 
 class PrefixEncoder(BasePromptEncoder):
@@ -125,6 +164,17 @@ class PrefixEncoder(BasePromptEncoder):
         prefix = prefix.permute(2, 0, 3, 1, 4).expand(-1, batch_size, -1, -1, -1)  # (2L, batch, heads, n, d_head)
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(self.num_layers)]
 
+    def number_positions(self, kwargs: dict, n: int) -> None:
+        """Where the real tokens' positions start: PEFT's convention, after the prefix, at n (the model numbers
+        them itself from the cache length when no position_ids are given)."""
+        if self.shift_positions:
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"] + n
+        elif kwargs.get("position_ids") is None:  # AdapterHub's: at 0, as without a prefix
+            seen = kwargs["past_key_values"].get_seq_length() - n  # real tokens already cached (generate's later steps)
+            tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            kwargs["position_ids"] = torch.arange(seen, seen + tokens.shape[1], device=tokens.device).unsqueeze(0)
+
     def hook_target(self, model: nn.Module) -> nn.Module:
         return model.base_model  # BertModel / LlamaModel: the module whose forward takes past_key_values
 
@@ -146,35 +196,30 @@ class PrefixEncoder(BasePromptEncoder):
         # cache_position indexes the cache, which holds the prefix: the caller's count + n, always.
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = kwargs["cache_position"] + n
-        if self.shift_positions:  # PEFT: the real tokens' positions start after the prefix, at n
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = kwargs["position_ids"] + n
-        elif kwargs.get("position_ids") is None:  # AdapterHub: they start at 0, as without a prefix
-            seen = cache.get_seq_length() - n  # real tokens already in the cache (generate's later steps)
-            tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-            kwargs["position_ids"] = torch.arange(seen, seen + tokens.shape[1], device=tokens.device).unsqueeze(0)
+        self.number_positions(kwargs, n)
         if self.task_type != "SEQ_CLS":  # PEFT keeps token_type_ids only for SEQ_CLS
             drop_with_warning(kwargs, "token_type_ids", "prefix tuning for " + str(self.task_type))
         return kwargs
 
 
-def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig | ConfigUnion) -> None:
+def inject_prefix_tuning(model: nn.Module, configs: list[PrefixTuningConfig],
+                         in_union: bool = False) -> list[PrefixTuningConfig]:
     """Attach a ``PrefixEncoder`` as ``model.prompt_encoder`` and hook the backbone (see the module docstring).
 
-    ``config`` is a PrefixTuningConfig (placed as PEFT places it) or a ConfigUnion with one (placed as AdapterHub
-    places it: positions not shifted). The resolved config (the model's dimensions filled in) replaces
-    ``model.peft_edu_config``, or its member in the union.
+    Alone, the prefix is placed as PEFT places it; in a ConfigUnion as AdapterHub places it (positions not
+    shifted). Returns the config with the model's dimensions filled in.
     """
-    in_union = isinstance(config, ConfigUnion)
-    member = next(c for c in config.configs if isinstance(c, PrefixTuningConfig)) if in_union else config
-    resolved = resolve_config(model, member, key_value_dims=True)
+    (config,) = configs  # a union takes one prefix (PrefixTuningConfig.check_union_member)
+    resolved = resolve_config(model, config, key_value_dims=True)
     backbone = model.base_model
     if "past_key_values" not in inspect.signature(backbone.forward).parameters:
         raise TypeError(f"{type(backbone).__name__}.forward takes no past_key_values, which carry the prefix.")
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("Prefix tuning does not work with gradient checkpointing (transformers then turns the "
                          "key/value cache off, and the cache carries the prefix); PEFT refuses it too.")
-    model.peft_edu_config = dataclasses.replace(
-        config, configs=[resolved if c is member else c for c in config.configs]) if in_union else resolved
     encoder = PrefixEncoder(resolved, shift_positions=not in_union).to(model.get_input_embeddings().weight.device)
     encoder.attach(model)
+    return [resolved]
+
+
+register_method(PrefixTuningConfig, inject_prefix_tuning)

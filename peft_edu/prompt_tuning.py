@@ -38,20 +38,64 @@ Two consequences of matching PEFT that are worth knowing:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import PromptTuningConfig
+from .registry import register_method
 from .virtual_tokens import (
     BasePromptEncoder,
+    PromptLearningConfig,
     batch_size_of,
     cache_is_empty,
     drop_with_warning,
     extend_attention_mask,
     resolve_config,
 )
+
+PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning (arXiv 2104.08691): n trainable input embeddings in front of the input; see ``peft_edu.prompt_tuning``.
+
+    prompt_tuning_init: "RANDOM" (N(0, 1), PEFT's default), "SAMPLE_VOCAB" (embeddings of random vocabulary tokens)
+        or "TEXT" (embeddings of ``prompt_tuning_init_text``, repeated or cut to n tokens). PEFT's
+        ``PromptTuningInit`` members are accepted too.
+    tokenizer_name_or_path: for "TEXT": a tokenizer object or a local folder (read offline, ``local_files_only=True``,
+        unless tokenizer_kwargs say otherwise). tokenizer_kwargs: passed to ``AutoTokenizer.from_pretrained``.
+    """
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: object = None
+    tokenizer_kwargs: dict | None = None
+
+    peft_type = "PROMPT_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        init = self.prompt_tuning_init
+        self.prompt_tuning_init = init = getattr(init, "value", init)  # PEFT's PromptTuningInit is a str enum
+        if init not in PROMPT_TUNING_INITS:
+            raise ValueError(f"prompt_tuning_init={init!r}: one of {PROMPT_TUNING_INITS}.")
+        if init == "TEXT" and not self.tokenizer_name_or_path:
+            raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a tokenizer object or a local folder).")
+        if init == "TEXT" and not isinstance(self.prompt_tuning_init_text, str):
+            raise ValueError(f"prompt_tuning_init='TEXT' needs prompt_tuning_init_text, not {self.prompt_tuning_init_text!r}.")
+        if self.tokenizer_kwargs and init != "TEXT":
+            raise ValueError("tokenizer_kwargs are used only with prompt_tuning_init='TEXT' (PEFT's rule).")
+
+    def to_peft_dict(self) -> dict:
+        tokenizer = self.tokenizer_name_or_path
+        if tokenizer is not None and not isinstance(tokenizer, str):  # a tokenizer object: write where it came from
+            return dataclasses.replace(self, tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None) or
+                                       type(tokenizer).__name__).to_peft_dict()
+        return super().to_peft_dict()
 
 
 def load_tokenizer(config: PromptTuningConfig):
@@ -122,13 +166,18 @@ class PromptEmbedding(BasePromptEncoder):
         return kwargs
 
 
-def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> None:
+def inject_prompt_tuning(model: nn.Module, configs: list[PromptTuningConfig],
+                         in_union: bool = False) -> list[PromptTuningConfig]:
     """Attach a ``PromptEmbedding`` as ``model.prompt_encoder`` and hook the model (see the module docstring).
 
-    The resolved config (the model's dimensions filled in) replaces ``model.peft_edu_config``.
+    Returns the config with the model's dimensions filled in.
     """
+    (config,) = configs
     resolved = resolve_config(model, config, key_value_dims=False)
     word_embeddings = model.get_input_embeddings()
-    model.peft_edu_config = resolved
     encoder = PromptEmbedding(resolved, word_embeddings).to(word_embeddings.weight.device)
     encoder.attach(model)
+    return [resolved]
+
+
+register_method(PromptTuningConfig, inject_prompt_tuning)

@@ -43,14 +43,70 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import PromptLearningConfig
+from .config import PeftConfig
+from .injection import AdapterModule
 
 #: The one tensor PEFT's adapter file holds for a prompt-learning method (``utils/save_and_load.py``).
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields shared by the virtual-token methods (PEFT's ``PromptLearningConfig``); see ``peft_edu.virtual_tokens``.
+
+    num_virtual_tokens: n, the number of virtual tokens (prompt tuning) or of key/value pairs per layer (prefix tuning).
+    task_type: "CAUSAL_LM", "SEQ_CLS" or "FEATURE_EXTRACTION" (required: it decides, as PEFT's
+        ``PeftModelFor<Task>`` does, how labels and token_type_ids are extended).
+    token_dim, num_layers, num_attention_heads, num_transformer_submodules: None takes them from the model, as PEFT
+        does (they are written to adapter_config.json); given values must fit the model.
+    target_modules: not used; must stay None.
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+
+    is_prompt_learning = True
+    PROMPT_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
+
+    def settings_summary(self) -> str:
+        return f"num_virtual_tokens={self.num_virtual_tokens}"
+
+    def as_loaded(self) -> "PromptLearningConfig":
+        # PEFT's from_pretrained loads prompt-learning adapters in inference mode: the file holds the prompt
+        # encoder's output, so a prefix_projection MLP is built as the plain table of that output.
+        return dataclasses.replace(self, inference_mode=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.num_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"num_virtual_tokens={n!r}: the number of virtual tokens must be a positive integer (e.g. 20).")
+        if self.task_type not in self.PROMPT_TASK_TYPES:
+            raise ValueError(f"task_type={self.task_type!r}: {type(self).__name__} needs one of {self.PROMPT_TASK_TYPES} "
+                             "(it decides how labels and token_type_ids are extended).")
+        if self.target_modules is not None:
+            raise ValueError(f"target_modules={self.target_modules!r}: {type(self).__name__} adds virtual tokens in front "
+                             "of the input and adapts no layer; leave target_modules None.")
+        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}={value!r}: a positive integer, or None to take it from the model.")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError(f"num_transformer_submodules={self.num_transformer_submodules!r}: peft_edu supports "
+                             "decoder-only and encoder-only models (1); encoder-decoder models (2) are not implemented.")
+
+    def to_peft_dict(self) -> dict:
+        d = super().to_peft_dict()
+        del d["target_modules"]  # PEFT's prompt-learning configs have no such field
+        return d
 
 
 def named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -105,7 +161,7 @@ def drop_with_warning(kwargs: dict, key: str, why: str) -> None:
         kwargs[key] = None
 
 
-class BasePromptEncoder(nn.Module):
+class BasePromptEncoder(AdapterModule):
     """Base class of the modules that compute virtual tokens (PEFT's ``BasePromptEncoder``; PEFT's ``PromptEncoder``
     is P-tuning v1's LSTM/MLP encoder, which peft_edu does not implement).
 
@@ -129,6 +185,15 @@ class BasePromptEncoder(nn.Module):
     def prompt_embeddings(self) -> torch.Tensor:
         """What the adapter file stores under ``prompt_embeddings``: the encoder's output for the n tokens."""
         return self()
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {PROMPT_EMBEDDINGS_KEY: self.prompt_embeddings()}  # PEFT's one key, under no module name
+
+    def load_adapter_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_prompt_embeddings(tensors[PROMPT_EMBEDDINGS_KEY])
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        self.detach(model)
 
     def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:
         weight = self.embedding.weight
