@@ -1,92 +1,95 @@
 """The exercise checks (``peft_edu.checks``) accept the reference and reject the stub and wrong answers.
 
 The ground rule of the course: an exercise check must reject the blank stub and plausible wrong
-answers. The reference solutions and the student stubs are not copied here: they are read from the
-otter master notebook (``notebooks/lora.ipynb``), and the stub is produced by otter-grader's own
-``otter.assign.solutions.replace_solutions``, so these tests see exactly what students get and fail
-if someone edits a solution in the notebook wrongly. The seeds of the hidden tests are read from the
-notebook's ``# HIDDEN`` test cells too.
+answers. Every test here runs over the chapters of ``check_cases.CHAPTERS`` (and their questions,
+seeds and wrong answers). The reference solutions and the student stubs are not copied: they are read
+from each chapter's otter master notebook (``notebooks/<chapter>.ipynb``), and the stub is produced by
+otter-grader's own ``otter.assign.solutions.replace_solutions``, so these tests see exactly what
+students get and fail if someone edits a solution in a notebook wrongly. The seeds of the hidden tests
+are read from the notebooks' ``# HIDDEN`` test cells too.
 
-Each wrong answer comes with a pattern that its feedback must match: the mistake's own message
-where the check claims to recognise it, the generic message (or the crash's exception type) where
-it does not.
+Each wrong answer comes with a pattern that its feedback must match (see ``check_cases``). The tests
+at the end are one chapter's own: they do not fit the shape of the others.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from notebook_helpers import assert_helpful, read_questions, rejected, run_cells, student_stub
+from check_cases import CHAPTERS, GoodLoRA
+from notebook_helpers import assert_helpful, rejected, run_cells, student_stub
 
-from peft_edu import checks
+import peft
+from peft_edu import checks, virtual_tokens
 from peft_edu.checks import CheckFailed
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "lora.ipynb"
+KEYWORD = {"function": "def", "class": "class"}  # how the stub of each kind of answer starts
 
-# question name -> (the name the student defines, the check behind the question's tests)
-QUESTIONS = {
-    "q1": ("lora_param_count", checks.check_lora_param_count),
-    "q2": ("lora_forward", checks.check_lora_forward),
-    "q3": ("merge_weight", checks.check_merge_weight),
-    "q4": ("MyLoRALinear", checks.check_lora_module),
-}
-
-
-NB_QUESTIONS = read_questions(NOTEBOOK)
-
-
-def reference(q: str):
-    return run_cells(NB_QUESTIONS[q].solution)[QUESTIONS[q][0]]
+CHAPTER_CASES = [pytest.param(chapter, id=chapter) for chapter in CHAPTERS]
+QUESTION_CASES = [pytest.param(chapter, q, id=f"{chapter}-{q}")
+                  for chapter, c in CHAPTERS.items() for q in c.questions]
+SEED_CASES = [pytest.param(chapter, q, seed, id=f"{chapter}-{q}-seed{seed}")
+              for chapter, c in CHAPTERS.items() for q in c.questions for seed in c.seeds(q)]
+MORE_SEEDS = [pytest.param(chapter, q, seed, id=f"{chapter}-{q}-seed{seed}")
+              for chapter, c in CHAPTERS.items() for q in c.questions for seed in (1, 2, 3)]
+WRONG_CASES = [pytest.param(chapter, q, answer, pattern, id=f"{chapter}-{q}-{name}")
+               for chapter, c in CHAPTERS.items() for q, answers in c.wrong.items()
+               for name, answer, pattern in answers]
 
 
-def stub(q: str):
-    return run_cells([student_stub(s) for s in NB_QUESTIONS[q].solution])[QUESTIONS[q][0]]
-
-
-def seeds(q: str) -> list[int]:
-    """The public test's seed (0) and the hidden tests' seeds, as the notebook has them."""
-    return [0] + NB_QUESTIONS[q].hidden_seeds
-
-
-SEED_CASES = [pytest.param(q, seed, id=f"{q}-seed{seed}") for q in QUESTIONS for seed in seeds(q)]
+def _functions(chapter: str) -> list[str]:
+    c = CHAPTERS[chapter]
+    return [q for q in c.questions if c.check(q).answer_kind == "function"]
 
 
 # --- the notebook itself -------------------------------------------------------------------------
-def test_notebook_has_the_four_questions_with_solutions_and_tests():
-    assert set(NB_QUESTIONS) == set(QUESTIONS)
-    for q, question in NB_QUESTIONS.items():
+@pytest.mark.parametrize("chapter", CHAPTER_CASES)
+def test_notebook_has_the_questions_with_solutions_and_tests(chapter):
+    c = CHAPTERS[chapter]
+    assert set(c.notebook) == set(c.questions)
+    for q, question in c.notebook.items():
         assert question.solution, f"{q} has no solution cell"
         assert question.public_tests and question.hidden_tests, f"{q} needs a public and a hidden test"
         assert question.hidden_seeds and 0 not in question.hidden_seeds, f"{q}'s hidden test must use another seed"
-        assert all(QUESTIONS[q][1].__name__ in test for test in question.public_tests + question.hidden_tests)
+        assert all(c.check(q).__name__ in test for test in question.public_tests + question.hidden_tests)
 
 
-@pytest.mark.parametrize("q", QUESTIONS)
-def test_stub_is_otters_blank_prompt(q):
+@pytest.mark.parametrize("chapter", CHAPTER_CASES)
+def test_checks_are_registered_for_grading(chapter):
+    """Grading finds each question's check by its name, and the chapter's module defines exactly these."""
+    c = CHAPTERS[chapter]
+    for _, check in c.questions.values():
+        assert check.__name__ in checks.EXERCISES
+        assert checks.EXERCISES[check.__name__] is check is getattr(checks, check.__name__)
+    module = checks.CHAPTERS[chapter].__name__
+    assert {check.__name__ for _, check in c.questions.values()} == \
+        {name for name, exercise in checks.EXERCISES.items() if exercise.__module__ == module}
+
+
+@pytest.mark.parametrize("chapter, q", QUESTION_CASES)
+def test_stub_is_otters_blank_prompt(chapter, q):
     """The stub keeps the signature and loses every solution line (so it is not the solution)."""
-    stubbed = "\n".join(student_stub(s) for s in NB_QUESTIONS[q].solution)
+    c = CHAPTERS[chapter]
+    stubbed = "\n".join(student_stub(s) for s in c.notebook[q].solution)
     assert "SOLUTION" not in stubbed and "..." in stubbed
-    assert re.search(rf"^(def|class) {QUESTIONS[q][0]}\b", stubbed, re.M)
-    assert "alpha / r" not in stubbed and "d_in + d_out" not in stubbed
+    assert re.search(rf"^{KEYWORD[c.check(q).answer_kind]} {c.questions[q][0]}\b", stubbed, re.M)
+    assert not [fragment for fragment in c.stub_must_not_contain if fragment in stubbed]
 
 
 # --- 1. the reference solution passes ------------------------------------------------------------
-@pytest.mark.parametrize("q, seed", SEED_CASES + [pytest.param(q, s, id=f"{q}-seed{s}") for q in QUESTIONS
-                                                  for s in (1, 2, 3)])
-def test_reference_solution_passes(q, seed):
-    QUESTIONS[q][1](reference(q), seed=seed)
+@pytest.mark.parametrize("chapter, q, seed", SEED_CASES + MORE_SEEDS)
+def test_reference_solution_passes(chapter, q, seed):
+    c = CHAPTERS[chapter]
+    c.check(q)(c.reference(q), seed=seed)
 
 
-@pytest.mark.parametrize("q", QUESTIONS)
-def test_notebook_test_cells_pass_with_the_solution_and_fail_with_the_stub(q):
+@pytest.mark.parametrize("chapter, q", QUESTION_CASES)
+def test_notebook_test_cells_pass_with_the_solution_and_fail_with_the_stub(chapter, q):
     """The otter test cells themselves (public and hidden), run as otter runs them."""
-    question = NB_QUESTIONS[q]
+    question = CHAPTERS[chapter].notebook[q]
     for test in question.public_tests + question.hidden_tests:
         run_cells(question.solution + [test])
         with pytest.raises(CheckFailed):
@@ -94,195 +97,38 @@ def test_notebook_test_cells_pass_with_the_solution_and_fail_with_the_stub(q):
 
 
 # --- 2. the blank stub fails, helpfully ----------------------------------------------------------
-@pytest.mark.parametrize("q, seed", SEED_CASES)
-def test_stub_fails_with_a_helpful_message(q, seed):
-    message = rejected(QUESTIONS[q][1], stub(q), seed)
+@pytest.mark.parametrize("chapter, q, seed", SEED_CASES)
+def test_stub_fails_with_a_helpful_message(chapter, q, seed):
+    c = CHAPTERS[chapter]
+    message = rejected(c.check(q), c.stub(q), seed)
     assert_helpful(message)
-    assert re.search(r"not implemented yet|still the blank `\.\.\.`", message), message
+    assert re.search(c.stub_feedback, message), message
 
 
-@pytest.mark.parametrize("q", QUESTIONS)
-def test_missing_answer_fails_with_a_helpful_message(q):
+@pytest.mark.parametrize("chapter, q", QUESTION_CASES)
+def test_missing_answer_fails_with_a_helpful_message(chapter, q):
     """The student's name is unbound or None (e.g. the cell was not run): say so, not 'NoneType ...'."""
-    message = rejected(QUESTIONS[q][1], None, 0)
+    check = CHAPTERS[chapter].check(q)
+    message = rejected(check, None, 0)
     assert_helpful(message)
-    assert re.search(r"is None, not a (function|class): define it", message), message
+    assert re.search(rf"is None, not a {check.answer_kind}: define it", message), message
 
 
 # --- 3. plausible wrong answers are rejected, with feedback that names the mistake ---------------
-GENERIC = {
-    "q1": r"the answer is not .* How many entries",
-    "q2": r"does not equal x W0ᵀ \+ \(alpha/r\)",
-    "q3": r"does not return W0 \+ \(alpha/r\)",
-    "q4": r"output differs from base\(x\) \+ \(alpha/r\)",
-}
-
-WRONG_FUNCTIONS = {
-    "q1": [
-        ("2rd_in-square-only", lambda d_in, d_out, r: 2 * r * d_in, r"2·r·d, which is right only for square"),
-        ("2rd_out-square-only", lambda d_in, d_out, r: 2 * r * d_out, r"2·r·d, which is right only for square"),
-        ("dense-dW", lambda d_in, d_out, r: d_in * d_out, r"d_in·d_out .* frozen W₀"),
-        ("r-d_in-d_out", lambda d_in, d_out, r: r * d_in * d_out, GENERIC["q1"]),
-        ("off-by-one", lambda d_in, d_out, r: r * (d_in + d_out) + 1, GENERIC["q1"]),
-        ("counts-a-bias", lambda d_in, d_out, r: r * (d_in + d_out) + d_out, GENERIC["q1"]),
-        ("forgets-r", lambda d_in, d_out, r: d_in + d_out, GENERIC["q1"]),
-        ("r-squared", lambda d_in, d_out, r: r * r + r * (d_in + d_out), GENERIC["q1"]),
-    ],
-    "q2": [
-        ("scaled-by-alpha", lambda x, W0, A, B, alpha, r: x @ W0.T + alpha * (x @ A.T @ B.T),
-         r"scaled BAx by alpha; LoRA scales it by alpha / r"),
-        ("no-scaling", lambda x, W0, A, B, alpha, r: x @ W0.T + x @ A.T @ B.T, r"missing its scaling"),
-        ("r-over-alpha", lambda x, W0, A, B, alpha, r: x @ W0.T + (r / alpha) * (x @ A.T @ B.T),
-         r"scaled by r / alpha"),
-        ("rslora-sqrt-r", lambda x, W0, A, B, alpha, r: x @ W0.T + alpha / math.sqrt(r) * (x @ A.T @ B.T),
-         GENERIC["q2"]),
-        ("no-base-term", lambda x, W0, A, B, alpha, r: (alpha / r) * (x @ A.T @ B.T), r"term x W0ᵀ is missing"),
-        ("base-only", lambda x, W0, A, B, alpha, r: x @ W0.T, r"frozen layer alone: the update .* is missing"),
-        # Non-square W0 (7×12) makes these crash; with a square W0 the first would silently pass.
-        ("W0-not-transposed", lambda x, W0, A, B, alpha, r: x @ W0 + (alpha / r) * (x @ A.T @ B.T),
-         r"lora_forward raised RuntimeError"),
-        ("A-and-B-swapped", lambda x, W0, A, B, alpha, r: x @ W0.T + (alpha / r) * (x @ B.T @ A.T),
-         r"lora_forward raised RuntimeError"),
-        ("first-example-only", lambda x, W0, A, B, alpha, r: x[0] @ W0.T + (alpha / r) * (x[0] @ A.T @ B.T),
-         r"should have shape \(2, 5, 7\)"),
-        ("returns-a-list", lambda x, W0, A, B, alpha, r: (x @ W0.T + (alpha / r) * (x @ A.T @ B.T)).tolist(),
-         r"should return a tensor, it returned list"),
-    ],
-    "q3": [
-        ("scaled-by-alpha", lambda W0, A, B, alpha, r: W0 + alpha * (B @ A), r"added alpha·BA"),
-        ("no-scaling", lambda W0, A, B, alpha, r: W0 + B @ A, r"missing its scaling alpha / r"),
-        ("r-over-alpha", lambda W0, A, B, alpha, r: W0 + (r / alpha) * (B @ A), GENERIC["q3"]),
-        ("A-at-B", lambda W0, A, B, alpha, r: W0 + (alpha / r) * (A @ B), r"merge_weight raised RuntimeError"),
-        ("transposed-update", lambda W0, A, B, alpha, r: W0.T + (alpha / r) * (A.T @ B.T), r"tensor of W0's shape"),
-        ("update-only", lambda W0, A, B, alpha, r: (alpha / r) * (B @ A), GENERIC["q3"]),
-        ("in-place-add_", lambda W0, A, B, alpha, r: W0.add_((alpha / r) * (B @ A)), r"changed W0 in place"),
-    ],
-}
-
-
-def merge_in_place_iadd(W0, A, B, alpha, r):
-    W0 += (alpha / r) * (B @ A)
-    return W0
-
-
-WRONG_FUNCTIONS["q3"].append(("in-place-+=", merge_in_place_iadd, r"changed W0 in place"))
-
-
-class GoodLoRA(nn.Module):
-    """A correct answer to q4, written independently of the notebook; the wrong answers change one thing."""
-
-    def __init__(self, base, r, alpha):
-        super().__init__()
-        self.base = self.freeze(base)
-        d_out, d_in = base.weight.shape
-        self.make_factors(d_in, d_out, r)
-        self.scaling = self.scale(alpha, r)
-
-    def freeze(self, base):
-        return base.requires_grad_(False)
-
-    def make_factors(self, d_in, d_out, r):
-        self.A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(r, d_in), a=math.sqrt(5)))
-        self.B = nn.Parameter(torch.zeros(d_out, r))
-
-    def scale(self, alpha, r):
-        return alpha / r
-
-    def update(self, x):
-        return self.scaling * (x @ self.A.T @ self.B.T)
-
-    def forward(self, x):
-        return self.base(x) + self.update(x)
-
-
-def q4_wrong(name, **overrides):
-    return type(name, (GoodLoRA,), overrides)
-
-
-def _random_B(self, d_in, d_out, r):
-    GoodLoRA.make_factors(self, d_in, d_out, r)
-    self.B = nn.Parameter(torch.randn(d_out, r))
-
-
-def _zero_A(self, d_in, d_out, r):
-    GoodLoRA.make_factors(self, d_in, d_out, r)
-    self.A = nn.Parameter(torch.zeros(r, d_in))
-
-
-def _swapped_shapes(self, d_in, d_out, r):
-    self.A = nn.Parameter(torch.zeros(d_in, r))
-    self.B = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(r, d_out), a=math.sqrt(5)))
-
-
-def _linear_submodules(self, d_in, d_out, r):
-    self.A = nn.Linear(d_in, r, bias=False)
-    self.B = nn.Linear(r, d_out, bias=False)
-    nn.init.zeros_(self.B.weight)
-
-
-def _plain_tensors(self, d_in, d_out, r):
-    self.A = nn.init.kaiming_uniform_(torch.empty(r, d_in, requires_grad=True), a=math.sqrt(5))
-    self.B = torch.zeros(d_out, r, requires_grad=True)
-
-
-class NotAModule:
-    def __init__(self, base, r, alpha):
-        self.base, self.A, self.B = base, torch.zeros(r, base.in_features), torch.zeros(base.out_features, r)
-
-    def __call__(self, x):
-        return self.base(x)
-
-
-WRONG_CLASSES = [
-    ("B-random-init", q4_wrong("BRandom", make_factors=_random_B), r"B starts random; .* B must be zeros"),
-    ("A-zero-init", q4_wrong("AZero", make_factors=_zero_A), r"A starts at zero too"),
-    ("base-not-frozen", q4_wrong("NotFrozen", freeze=lambda self, base: base),
-     r"Exactly A and B should require grad; trainable now: \['A', 'B', 'base.bias', 'base.weight'\]"
-     r".*Freeze the base layer"),
-    ("scaled-by-alpha", q4_wrong("AlphaScale", scale=lambda self, alpha, r: alpha), r"scales B A x by alpha"),
-    ("no-scaling", q4_wrong("NoScale", scale=lambda self, alpha, r: 1.0), r"missing the scaling alpha / r"),
-    ("rslora-sqrt-r", q4_wrong("SqrtScale", scale=lambda self, alpha, r: alpha / math.sqrt(r)), GENERIC["q4"]),
-    ("A-B-swapped-shapes",
-     q4_wrong("Swapped", make_factors=_swapped_shapes, update=lambda self, x: self.scaling * (x @ self.A @ self.B)),
-     r"Expected A of shape \(r, d_in\)"),
-    ("forward-without-base", q4_wrong("NoBase", forward=lambda self, x: self.update(x)),
-     r"At initialisation .* must return exactly what the frozen base layer returns"),
-    ("forward-forgets-bias", q4_wrong("NoBias", forward=lambda self, x: x @ self.base.weight.T + self.update(x)),
-     r"At initialisation .* must return exactly what the frozen base layer returns"),
-    ("A-detached", q4_wrong("DetachA", update=lambda self, x: self.scaling * (x @ self.A.detach().T @ self.B.T)),
-     r"gradient reaching A differs .* without \.detach\(\)"),
-    ("B-detached", q4_wrong("DetachB", update=lambda self, x: self.scaling * (x @ self.A.T @ self.B.detach().T)),
-     r"gradient reaching B differs .* without \.detach\(\)"),
-    ("nn-Linear-submodules",
-     q4_wrong("LinearAB", make_factors=_linear_submodules, update=lambda self, x: self.scaling * self.B(self.A(x))),
-     r"`self.A` is a Linear, not an nn.Parameter"),
-    ("plain-tensors-not-Parameters", q4_wrong("PlainTensors", make_factors=_plain_tensors),
-     r"`self.A` is a Tensor, not an nn.Parameter"),
-    ("not-an-nn-Module", NotAModule, r"should be an nn.Module"),
-]
-
-WRONG_CASES = [pytest.param(q, answer, pattern, id=f"{q}-{name}")
-               for q, answers in WRONG_FUNCTIONS.items() for name, answer, pattern in answers]
-WRONG_CASES += [pytest.param("q4", cls, pattern, id=f"q4-{name}") for name, cls, pattern in WRONG_CLASSES]
-
-
-def test_every_question_has_several_wrong_answers():
-    per_question = {q: sum(case.values[0] == q for case in WRONG_CASES) for q in QUESTIONS}
+@pytest.mark.parametrize("chapter", CHAPTER_CASES)
+def test_every_question_has_several_wrong_answers(chapter):
+    c = CHAPTERS[chapter]
+    per_question = {q: len(c.wrong.get(q, [])) for q in c.questions}
     assert min(per_question.values()) >= 4, per_question
 
 
-def test_the_independent_q4_answer_is_correct():
-    """GoodLoRA, the base of the q4 wrong answers, passes: each wrong answer fails for its one change."""
-    for seed in seeds("q4"):
-        checks.check_lora_module(GoodLoRA, seed=seed)
-
-
-@pytest.mark.parametrize("q, answer, pattern", WRONG_CASES)
-def test_wrong_answer_is_rejected_with_feedback_that_names_it(q, answer, pattern):
-    for seed in seeds(q):  # rejected by the public test already, and by every hidden one
-        message = rejected(QUESTIONS[q][1], answer, seed)
+@pytest.mark.parametrize("chapter, q, answer, pattern", WRONG_CASES)
+def test_wrong_answer_is_rejected_with_feedback_that_names_it(chapter, q, answer, pattern):
+    c = CHAPTERS[chapter]
+    for seed in c.seeds(q):  # rejected by the public test already, and by every hidden one
+        message = rejected(c.check(q), answer, seed)
         assert_helpful(message)
-        assert re.search(pattern, message, re.S), f"seed {seed}: {message}"
+        assert re.search(pattern, message), f"seed {seed}: {message}"
 
 
 # --- 4. the hidden seeds draw other inputs: an answer fitted to the public test fails ------------
@@ -294,38 +140,109 @@ def _record(fn, calls):
     return recording
 
 
-def test_q1_lookup_table_of_the_public_inputs_fails_the_hidden_test():
-    calls = []
-    checks.check_lora_param_count(_record(reference("q1"), calls), seed=0)
-    table = {args: result for args, result in calls}
-    public_inputs = set(table)
-
-    def fitted(d_in, d_out, r):
-        return table.get((d_in, d_out, r), 0)
-
-    checks.check_lora_param_count(fitted, seed=0)  # fools the public test ...
-    for seed in NB_QUESTIONS["q1"].hidden_seeds:     # ... but not the hidden ones
-        hidden_calls = []
-        checks.check_lora_param_count(_record(reference("q1"), hidden_calls), seed=seed)
-        assert {args for args, _ in hidden_calls} - public_inputs, "the hidden test adds no new shapes"
-        assert_helpful(rejected(checks.check_lora_param_count, fitted, seed))
+def _shapes(args) -> tuple:
+    return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-@pytest.mark.parametrize("q", ["q2", "q3"])
-def test_memorised_public_output_fails_the_hidden_test(q):
-    calls = []
-    QUESTIONS[q][1](_record(reference(q), calls), seed=0)
-    memorised = calls[0][1].clone()
-
-    def fitted(*args):
-        return memorised.clone()
-
-    QUESTIONS[q][1](fitted, seed=0)  # fools the public test ...
-    for seed in NB_QUESTIONS[q].hidden_seeds:  # ... but not the hidden ones
-        assert_helpful(rejected(QUESTIONS[q][1], fitted, seed))
+FITTED_CASES = [pytest.param(chapter, q, id=f"{chapter}-{q}") for chapter, c in CHAPTERS.items()
+                for q in _functions(chapter) if q not in c.fitted_by_hand]
 
 
-def test_q4_hidden_seed_builds_another_layer_and_input():
+@pytest.mark.parametrize("chapter, q", FITTED_CASES)
+def test_an_answer_fitted_to_the_public_test_fails_the_hidden_test(chapter, q):
+    """A lookup table of the public inputs (for a count) or a replay of the public outputs (for a tensor,
+    the one recorded for inputs of the same shapes) fools the public test, and no hidden one."""
+    c = CHAPTERS[chapter]
+    check, calls = c.check(q), []
+    check(_record(c.reference(q), calls), seed=0)
+    if isinstance(calls[0][1], torch.Tensor):
+        replay = {}
+        for args, result in calls:
+            replay.setdefault(_shapes(args), result.detach().clone())
+
+        def fitted(*args):
+            return replay.get(_shapes(args), calls[0][1].detach()).clone()
+    else:
+        table = {args: result for args, result in calls}
+
+        def fitted(*args):
+            return table.get(args, 0)
+
+    check(fitted, seed=0)  # fools the public test ...
+    for seed in c.notebook[q].hidden_seeds:  # ... but not the hidden ones
+        if not isinstance(calls[0][1], torch.Tensor):
+            hidden_calls = []
+            check(_record(c.reference(q), hidden_calls), seed=seed)
+            assert {args for args, _ in hidden_calls} - set(table), "the hidden test adds no new inputs"
+        assert_helpful(rejected(check, fitted, seed))
+
+
+# --- 5. robustness: crashing and chatty answers ---------------------------------------------------
+class Boom(Exception):
+    pass
+
+
+def _boom(*args):
+    raise Boom("something inside went wrong")
+
+
+def _key_error(*args):
+    raise KeyError("oops")
+
+
+CRASHES = [pytest.param(chapter, q, crash, pattern, id=f"{chapter}-{q}-{name}")
+           for chapter in CHAPTERS for q in _functions(chapter)
+           for name, crash, pattern in (("crashes", _boom, r"raised Boom: something inside went wrong"),
+                                        ("raises-KeyError", _key_error, r"raised KeyError: 'oops'"))]
+CRASHES += [pytest.param(chapter, q, answer, pattern, id=f"{chapter}-{q}-{name}")
+            for chapter, c in CHAPTERS.items() for q, name, answer, pattern in c.crashes]
+
+
+@pytest.mark.parametrize("chapter, q, answer, pattern", CRASHES)
+def test_crashing_answer_gives_checkfailed_naming_the_exception(chapter, q, answer, pattern):
+    message = rejected(CHAPTERS[chapter].check(q), answer, 0)
+    assert_helpful(message)
+    assert re.search(pattern, message), message
+
+
+def _chatty(fn):
+    def chatty(*args):
+        for _ in range(2000):
+            print("debugging my answer " * 10)
+        return fn(*args)
+    return chatty
+
+
+@pytest.mark.parametrize("chapter, q", QUESTION_CASES)
+def test_answer_that_prints_a_lot_still_passes(chapter, q, capsys):
+    c = CHAPTERS[chapter]
+    answer = c.reference(q)
+    if c.check(q).answer_kind == "class":
+        solution = answer
+
+        class Chatty(solution):
+            def forward(self, x):
+                return _chatty(super().forward)(x)
+
+        answer = Chatty
+    else:
+        answer = _chatty(answer)
+    for seed in c.seeds(q):
+        c.check(q)(answer, seed=seed)
+    assert capsys.readouterr().out.count("debugging my answer") > 10_000
+
+
+# --- LoRA's own ----------------------------------------------------------------------------------
+LORA = CHAPTERS["lora"]
+
+
+def test_lora_the_independent_q4_answer_is_correct():
+    """GoodLoRA, the base of the q4 wrong answers, passes: each wrong answer fails for its one change."""
+    for seed in LORA.seeds("q4"):
+        checks.check_lora_module(GoodLoRA, seed=seed)
+
+
+def test_lora_q4_hidden_seed_builds_another_layer_and_input():
     """A module that replays the outputs it gave in the public test fails the hidden one."""
     outputs = []
 
@@ -348,75 +265,97 @@ def test_q4_hidden_seed_builds_another_layer_and_input():
             return out
 
     checks.check_lora_module(Replaying, seed=0)  # fools the public test ...
-    for seed in NB_QUESTIONS["q4"].hidden_seeds:   # ... but not the hidden ones
+    for seed in LORA.notebook["q4"].hidden_seeds:   # ... but not the hidden ones
         Replaying.calls = 0
         assert_helpful(rejected(checks.check_lora_module, Replaying, seed))
 
 
-# --- 5. robustness: crashing and chatty answers ---------------------------------------------------
-class Boom(Exception):
-    pass
+# --- DoRA's own ----------------------------------------------------------------------------------
+DORA = CHAPTERS["dora"]
 
 
-def _crash(*args):
-    raise Boom("something inside went wrong")
+def test_dora_the_reference_matches_peft_edus_dora_layer():
+    """The notebook's dora_weight is what DoraLinear merges to, and dora_forward what it computes."""
+    from torch import nn
+    from peft_edu.dora import DoraLinear
+
+    torch.manual_seed(0)
+    layer = DoraLinear(nn.Linear(10, 6, bias=False).requires_grad_(False), r=2, lora_alpha=4)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        layer.lora_magnitude_vector.mul_(1.5)
+    W0, A, B, m = (t.detach().clone() for t in (layer.base_layer.weight, layer.lora_A.weight,
+                                                  layer.lora_B.weight, layer.lora_magnitude_vector))
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(DORA.reference("q1")(W0), layer.base_layer.weight.norm(dim=1))
+    torch.testing.assert_close(x @ DORA.reference("q2")(W0, A, B, m, 4, 2).T, layer(x).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(DORA.reference("q3")(x, W0, A, B, m, 4, 2), layer(x).detach(), atol=1e-5, rtol=1e-5)
 
 
-class CrashingInit(nn.Module):
-    def __init__(self, base, r, alpha):
-        raise KeyError("alpha")
+def test_dora_q3_memorised_output_with_true_gradients_fails_the_hidden_test():
+    calls = []
+    checks.check_dora_forward(_record(DORA.reference("q3"), calls), seed=0)
+    memorised = calls[0][1].detach().clone()
+
+    def fitted(*args):
+        out = DORA.reference("q3")(*args)
+        return out + (memorised - out).detach() if out.shape == memorised.shape else memorised.clone()
+
+    checks.check_dora_forward(fitted, seed=0)  # the public values, true gradients: fools the public test ...
+    for seed in DORA.notebook["q3"].hidden_seeds:  # ... but not the hidden ones
+        assert_helpful(rejected(checks.check_dora_forward, fitted, seed))
 
 
-class CrashingForward(GoodLoRA):
-    def forward(self, x):
-        raise ValueError("bad shape")
+# --- the adapters chapter's own ------------------------------------------------------------------
+def test_adapters_q3_output_scaling_on_the_ffn_shape_is_named_even_when_it_crashes():
+    """On the real FFN shape (d_in ≠ d_out) scaling the output cannot run; the message still says why."""
+    request = checks.check_ia3_scale_ffn.request(0)
+    request["cases"] = request["cases"][1:]
+    observed = checks.check_ia3_scale_ffn.probe(lambda x, W, b, l: (x @ W.T + b) * l, request)
+    with pytest.raises(CheckFailed, match=r"scales the layer's \*input\*"):
+        checks.check_ia3_scale_ffn.judge(request, observed)
 
 
-class ForgotSuperInit(nn.Module):
-    def __init__(self, base, r, alpha):
-        self.A = nn.Parameter(torch.zeros(r, base.in_features))
+# --- the prompt-methods chapter's own ------------------------------------------------------------
+PROMPT_METHODS = CHAPTERS["prompt_methods"]
 
 
-CRASHES = [pytest.param(q, _crash, r"raised Boom: something inside went wrong", id=f"{q}-crashes")
-           for q in ("q1", "q2", "q3")] + [
-    pytest.param("q4", CrashingInit, r"CrashingInit\(base, r, alpha\) raised KeyError: 'alpha'",
-                 id="q4-init-crashes"),
-    pytest.param("q4", CrashingForward, r"your forward raised ValueError: bad shape", id="q4-forward-crashes"),
-    pytest.param("q4", ForgotSuperInit, r"raised AttributeError: cannot assign parameters before Module.__init__",
-                 id="q4-forgot-super-init"),
-    pytest.param("q4", q4_wrong("StubForward", forward=lambda self, x: None),
-                 r"your forward returned None: it is not implemented yet", id="q4-forward-still-blank"),
-]
+def test_prompt_methods_q1_reference_matches_peft_counts():
+    """The count the exercise asks for is PEFT's: tiny BERT, with and without the re-parameterisation."""
+    from transformers import BertConfig, BertModel
+
+    base = BertModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=3, num_attention_heads=4,
+                                intermediate_size=32, max_position_embeddings=32))
+    count = PROMPT_METHODS.reference("q1")
+    for kwargs, h in (({}, None), ({"prefix_projection": True, "encoder_hidden_size": 10}, 10)):
+        model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=5,
+                                                                  **kwargs))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert trainable == count(5, 3, 24, h)
+        base = model.get_base_model()
 
 
-@pytest.mark.parametrize("q, answer, pattern", CRASHES)
-def test_crashing_answer_gives_checkfailed_naming_the_exception(q, answer, pattern):
-    message = rejected(QUESTIONS[q][1], answer, 0)
-    assert_helpful(message)
-    assert re.search(pattern, message), message
+def test_prompt_methods_q2_and_q3_references_match_peft_edu():
+    """The mask is the hook's; prefix_attention is what a real attention head computes with the prefix."""
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    kwargs = {"attention_mask": mask}
+    virtual_tokens.extend_attention_mask(kwargs, 2, 2)
+    assert torch.equal(PROMPT_METHODS.reference("q2")(mask, 2), kwargs["attention_mask"])
+    torch.manual_seed(0)
+    q, K, V, P_K, P_V = torch.randn(4, 8), torch.randn(5, 8), torch.randn(5, 8), torch.randn(3, 8), torch.randn(3, 8)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q[None], torch.cat([P_K, K])[None], torch.cat([P_V, V])[None])
+    assert torch.allclose(PROMPT_METHODS.reference("q3")(q, K, V, P_K, P_V), sdpa[0], atol=1e-6)
+    lam = PROMPT_METHODS.reference("q4")(q, K, P_K)[:, None]
+    unified = lam * torch.softmax(q @ P_K.T / 8 ** 0.5, -1) @ P_V + (1 - lam) * torch.softmax(q @ K.T / 8 ** 0.5, -1) @ V
+    assert torch.allclose(unified, sdpa[0], atol=1e-6)  # the unified view's identity
 
 
-def _chatty(fn):
-    def chatty(*args):
-        for _ in range(2000):
-            print("debugging my answer " * 10)
-        return fn(*args)
-    return chatty
+def test_prompt_methods_numerically_careful_gate_passes():
+    def stable(q, K, P_K):
+        s_p, s_k = q @ P_K.T / q.shape[-1] ** 0.5, q @ K.T / q.shape[-1] ** 0.5
+        top = torch.maximum(s_p.max(-1).values, s_k.max(-1).values)[:, None]
+        a, b = (s_p - top).exp().sum(-1), (s_k - top).exp().sum(-1)
+        return a / (a + b)
 
-
-@pytest.mark.parametrize("q", QUESTIONS)
-def test_answer_that_prints_a_lot_still_passes(q, capsys):
-    answer = reference(q)
-    if q == "q4":
-        solution = answer
-
-        class Chatty(solution):
-            def forward(self, x):
-                return _chatty(super().forward)(x)
-
-        answer = Chatty
-    else:
-        answer = _chatty(answer)
-    for seed in seeds(q):
-        QUESTIONS[q][1](answer, seed=seed)
-    assert capsys.readouterr().out.count("debugging my answer") > 10_000
+    for seed in PROMPT_METHODS.seeds("q4"):
+        checks.check_gate_lambda(stable, seed=seed)

@@ -92,7 +92,7 @@ def test_a_loop_that_swallows_the_alarm_hits_the_notebook_time_limit_and_grading
 
 
 def test_a_submission_cannot_touch_tests_gradebook_or_other_files(tmp_path):
-    checks_file = ROOT / "peft_edu" / "checks.py"
+    checks_file = ROOT / "peft_edu" / "checks" / "lora.py"
     checks_before = checks_file.read_bytes()
     out = tmp_path / "out"
     vandal = f"""
