@@ -90,7 +90,10 @@ def is_adapterhub_directory(directory: str | Path) -> bool:
     path = directory / CONFIG_NAME
     if not path.is_file():
         return False
-    d = json.loads(path.read_text())
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # not AdapterHub's; load_config then says what is wrong with the file
     return isinstance(d, dict) and "peft_type" not in d and "config" in d and "model_type" in d
 
 
@@ -156,9 +159,15 @@ def _load_tensors(directory: Path, names: tuple[str, ...]) -> dict[str, torch.Te
     for name in names:
         path = directory / name
         if path.is_file():
-            if name.endswith(".safetensors"):
-                return load_file(str(path))
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                tensors = (load_file(str(path)) if name.endswith(".safetensors")
+                           else torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as error:  # truncated or garbage files: the library's own error types
+                raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}): the file is truncated "
+                                 "or damaged; save the adapter again.") from None
+            if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+                raise ValueError(f"{path} does not hold a dict of tensors.")
+            return tensors
     return None
 
 
@@ -198,7 +207,10 @@ def read_adapterhub_directory(base_model: nn.Module, directory: str | Path) -> t
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: AdapterHub writes it next to its weights.")
-    saved = json.loads(config_path.read_text())
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); save the adapter again.") from None
     weights = _load_tensors(directory, WEIGHTS_NAMES)
     if weights is None:
         raise FileNotFoundError(f"{directory} has AdapterHub's {CONFIG_NAME} but neither of its weight files "

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import ConfigUnion, PeftConfig
+from .config import ConfigUnion, PeftConfig, require_finite
 from .injection import AdapterLayer, TrainedCopy, replace_module
 from .prefix_tuning import PrefixTuningConfig
 from .registry import register_method
@@ -167,7 +167,7 @@ class BnConfig(PeftConfig):
             values = list(rf.values())
         else:
             values = [rf]
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 for v in values):
             raise ValueError(f"reduction_factor={rf!r}: must be a positive number (hidden_size // reduction_factor "
                              "units) or a mapping from layer index / 'default' to positive numbers.")
         if not isinstance(self.non_linearity, str):
@@ -185,6 +185,7 @@ class BnConfig(PeftConfig):
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
             raise ValueError(f"scaling={self.scaling!r}: peft_edu implements a fixed number only (AdapterHub's "
                              "'learned' and 'channel' scalings are not implemented).")
+        require_finite("scaling", self.scaling)
         self.scaling = float(self.scaling)
         if not isinstance(self.leave_out, (list, tuple, set)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.leave_out):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,22 @@ TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "QUESTI
 
 # Names PEFT gives the classification head of a SEQ_CLS model (BERT-style and Llama-style).
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+
+
+def require_bools(config, *names: str) -> None:
+    """Each named field must be True or False (``use_dora="False"`` is a non-empty string, hence true)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: must be True or False" +
+                             (" (a string is not a boolean)." if isinstance(value, str) else "."))
+
+
+def require_finite(name: str, value, *, positive: bool = False) -> None:
+    """A real number (not a bool), finite, and > 0 if ``positive``: NaN and inf would reach every weight."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            positive and value <= 0):
+        raise ValueError(f"{name}={value!r}: must be a finite{' positive' if positive else ''} number.")
 
 
 @dataclass
@@ -57,10 +75,29 @@ class PeftConfig:
                     f"target_modules={self.target_modules!r}: give a non-empty list of module names "
                     '(e.g. ["query", "value"]) or one regular expression string.'
                 )
-        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+        elif isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as error:
+                raise ValueError(f"target_modules={self.target_modules!r} is a string, so it is read as a regular "
+                                 f"expression, and it is not a valid one ({error}). Give a list of names such as "
+                                 '["query", "value"], or a valid regex such as r".*\\.(query|value)".') from None
+        elif self.target_modules is not None:
             raise TypeError(f"target_modules must be a list of names or a regex string, not {type(self.target_modules).__name__}.")
+        if isinstance(self.modules_to_save, str):
+            raise ValueError(f"modules_to_save={self.modules_to_save!r}: give a list of module names, e.g. "
+                             f"[{self.modules_to_save!r}] (a string would be read letter by letter).")
         if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple, set)) or not all(
+                    isinstance(m, str) and m for m in self.modules_to_save):
+                raise ValueError(f"modules_to_save={self.modules_to_save!r}: a list of module names, e.g. ['classifier'].")
             self.modules_to_save = list(self.modules_to_save)
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode={self.inference_mode!r}: must be True or False.")
+
+    def revalidated(self) -> "PeftConfig":
+        """A fresh copy, checked again: a config edited after it was made (``config.r = -1``) fails here."""
+        return dataclasses.replace(self)
 
     # --- adapter_config.json -------------------------------------------------------------------
     def to_peft_dict(self) -> dict:
@@ -134,6 +171,9 @@ class ConfigUnion(PeftConfig):
         d["configs"] = [c.to_peft_dict() for c in self.configs]
         return d
 
+    def revalidated(self) -> "ConfigUnion":
+        return dataclasses.replace(self, configs=[c.revalidated() for c in self.configs])
+
     def settings_summary(self) -> str:
         return "; ".join(f"{type(c).__name__}: {c.settings_summary()}" for c in self.configs)
 
@@ -153,18 +193,25 @@ def config_class(peft_type) -> type[PeftConfig]:
 
 
 # Keys PEFT writes into adapter_config.json that change nothing once the weights are loaded:
-# bookkeeping, how fresh weights would be initialised, and settings of options that are off.
-_PEFT_INERT_KEYS = {
-    "peft_type", "peft_version", "revision", "auto_mapping", "init_lora_weights", "megatron_core", "qalora_group_size",
-}
+# bookkeeping, and settings of options that are off.
+_PEFT_INERT_KEYS = {"peft_type", "peft_version", "revision", "auto_mapping", "megatron_core", "qalora_group_size"}
+
+# Keys that are inert at some values only. init_lora_weights True / False / "gaussian" only decide how fresh
+# weights are drawn, which loading overwrites; "pissa", "olora", "loftq", "corda", "eva" also change the base
+# weights (PEFT redoes that change when it loads such an adapter), so the file's A and B mean something else on
+# an unchanged base: loading them as plain LoRA would compute a different function.
+_INERT_AT = {"init_lora_weights": (True, False, "gaussian")}
 
 
-def config_from_peft_dict(d: dict) -> PeftConfig:
+def config_from_peft_dict(d: dict, source: str = "adapter_config.json") -> PeftConfig:
     """Build our config from the contents of a PEFT ``adapter_config.json``.
 
     PEFT's file lists every option it has. An option we do not implement is accepted only at its
     off value (None, False, {} or []); anything else is an error, never silently dropped.
     """
+    if not isinstance(d, dict):
+        raise ValueError(f"{source} holds a JSON {type(d).__name__}, not an object with a peft_type: is it an "
+                         "adapter config saved by PEFT or peft_edu?")
     peft_type = d.get("peft_type")
     cls = config_class(peft_type)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -172,18 +219,33 @@ def config_from_peft_dict(d: dict) -> PeftConfig:
     for key, value in d.items():
         if key in known:
             kwargs[key] = value
+        elif key in _INERT_AT:
+            if not any(value is v or (isinstance(v, str) and value == v) for v in _INERT_AT[key]):
+                unsupported.append(f"{key}={value!r}")
         elif key not in _PEFT_INERT_KEYS and value not in (None, False, {}, []):
             unsupported.append(f"{key}={value!r}")
     if unsupported:
         raise ValueError(
-            f"adapter_config.json sets options peft_edu does not implement: {', '.join(unsupported)}. "
-            f"Supported fields for {peft_type}: {sorted(known)}."
+            f"{source} sets options peft_edu does not implement: {', '.join(unsupported)}. "
+            f"Supported fields for {peft_type}: {sorted(known)}"
+            + ("; init_lora_weights only True, False or 'gaussian' (PiSSA, OLoRA, LoftQ, CorDA and EVA change the "
+               "base weights: convert such an adapter to plain LoRA with PEFT's save_pretrained("
+               "path_initial_model_for_weight_conversion=...) first)." if any(u.startswith("init_lora_weights")
+                                                                             for u in unsupported) else ".")
         )
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{source}: {error}") from error
 
 
 def load_config(directory: str | Path) -> PeftConfig:
     path = Path(directory) / "adapter_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {directory} an adapter saved by PEFT or peft_edu?")
-    return config_from_peft_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged or not an adapter config; "
+                         "save the adapter again.") from None
+    return config_from_peft_dict(data, source=str(path))

@@ -135,16 +135,17 @@ class DoraLinear(LoraLinear):
         if not torch.isfinite(g).all() or (g == 0).any():
             raise ValueError("Cannot merge this DoRA layer: a magnitude is zero or a norm is zero/not finite, so "
                              "the merged weight could not be unmerged again (rows would be lost).")
+        self.remember_merged_factors()
         self.set_base_weight((weight + self.delta_weight().to(weight.dtype)) * g.unsqueeze(1))
         self._merge_factor = g
         self.clear_norm_cache()
 
     @torch.no_grad()
     def unmerge_from_base(self) -> None:
-        # Divide by the very g that merge used (PEFT stores the norm and recomputes m / norm, which
-        # goes wrong if m was changed while merged); W₀ is then what it was, up to rounding.
+        # Divide by the very g and subtract the very s·BA that merge used (PEFT stores the norm and recomputes
+        # m / norm and BA, which goes wrong if m, A or B changed while merged); W₀ is then what it was, up to rounding.
         weight = self.base_weight()
-        self.set_base_weight(weight / self._merge_factor.unsqueeze(1) - self.delta_weight().to(weight.dtype))
+        self.set_base_weight(weight / self._merge_factor.unsqueeze(1) - self.merged_delta_weight().to(weight.dtype))
         self._merge_factor = None
         self.clear_norm_cache()
 

@@ -176,16 +176,18 @@ class IA3Linear(AdapterLayer):
     @torch.no_grad()
     def merge_into_base(self) -> None:
         weight, bias = self.base_weight(), self.base_bias()
+        self._merged_l = self.ia3_l.detach().clone()  # what unmerge divides by, even if l changes while merged
         self.set_base_weight(torch.mul(weight, self.ia3_l))  # (d_out, 1) scales rows, (1, d_in) scales columns
         if not self.is_feedforward and bias is not None:
             bias.copy_(torch.mul(bias, self.ia3_l.reshape(bias.shape)))
 
     @torch.no_grad()
     def unmerge_from_base(self) -> None:
-        weight, bias = self.base_weight(), self.base_bias()
-        self.set_base_weight(torch.div(weight, self.ia3_l + 1e-8))  # PEFT's guard against l = 0
+        weight, bias, l = self.base_weight(), self.base_bias(), self._merged_l
+        self.set_base_weight(torch.div(weight, l + 1e-8))  # PEFT's guard against l = 0
         if not self.is_feedforward and bias is not None:
-            bias.copy_(torch.div(bias, self.ia3_l.reshape(bias.shape) + 1e-8))
+            bias.copy_(torch.div(bias, l.reshape(bias.shape) + 1e-8))
+        self._merged_l = None
 
     def extra_repr(self) -> str:
         side = "input (feed-forward)" if self.is_feedforward else "output"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import PeftConfig
+from .config import PeftConfig, require_bools
 from .injection import AdapterLayer, find_targets, wrap_targets
 from .registry import register_method
 
@@ -53,8 +53,10 @@ class LoraConfig(PeftConfig):
         super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r}: the LoRA rank must be a positive integer (e.g. 4, 8 or 16).")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number (PEFT's default is 8).")
+        if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number, and finite (PEFT's default is 8).")
+        require_bools(self, "use_rslora", "use_dora")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be a probability in [0, 1); 0 turns dropout off.")
         if self.bias != "none":
@@ -99,12 +101,23 @@ class LoraLinear(AdapterLayer):
     @torch.no_grad()
     def merge_into_base(self) -> None:
         weight = self.base_weight()
+        self.remember_merged_factors()
         self.set_base_weight(weight + self.delta_weight().to(weight.dtype))
 
     @torch.no_grad()
     def unmerge_from_base(self) -> None:
         weight = self.base_weight()
-        self.set_base_weight(weight - self.delta_weight().to(weight.dtype))
+        self.set_base_weight(weight - self.merged_delta_weight().to(weight.dtype))
+
+    def remember_merged_factors(self) -> None:
+        """Keep the A and B that merging folds in (r·(d_in + d_out) numbers): unmerge subtracts exactly that ΔW,
+        even if A or B were changed while merged (an optimizer step would otherwise leave W₀ corrupted)."""
+        self._merged_factors = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
+
+    def merged_delta_weight(self) -> torch.Tensor:
+        A, B = self._merged_factors
+        self._merged_factors = None
+        return self.scaling * (B @ A)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"

@@ -12,6 +12,9 @@ are ``base_model.model.<module name>.<tensor>``, e.g.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,6 +48,7 @@ def inject(model: nn.Module, config: PeftConfig) -> PeftConfig:
 
 
 PEFT_KEY_PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 
 
 def _key_prefix(config: PeftConfig) -> str:
@@ -65,6 +69,7 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> nn.Module:
         raise TypeError(f"config must be a peft_edu config such as peft_edu.LoraConfig, not {type(config).__name__}.")
     if hasattr(model, "peft_edu_config"):
         raise ValueError("This model already has a peft_edu adapter; call peft_edu.unload(model) first or load a fresh model.")
+    config = config.revalidated()  # a field changed after the config was made is checked now
     model.peft_edu_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.peft_edu_config = config
     try:
@@ -117,24 +122,55 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def merge(model: nn.Module) -> None:
     """Fold every adapter into its base weight (W₀ ← W₀ + ΔW); outputs stay the same.
 
-    Merging a merged model is an error (it would add ΔW twice); ``unmerge`` undoes it.
+    Merging a merged model is an error (it would add ΔW twice); ``unmerge`` undoes it. If one layer cannot be
+    merged, the layers merged before it are unmerged again, so the model is as it was.
     """
     _nothing_to_merge(_peft_config(model), "merge")
-    layers = adapter_layers(model).values()
-    if any(layer.merged for layer in layers):
+    layers = adapter_layers(model)
+    if any(layer.merged for layer in layers.values()):
         raise RuntimeError("The adapter is already merged; merging again would add ΔW twice. Call unmerge(model) first.")
-    for layer in layers:
-        layer.merge()
+    _refuse_shared_base_weights(model, layers)
+    done = []
+    try:
+        for name, layer in layers.items():
+            layer.merge()
+            done.append(layer)
+    except Exception as error:
+        for layer in reversed(done):
+            layer.unmerge()
+        message = (f"Merging {name} failed, so nothing was merged (the {len(done)} layers merged before it were "
+                   f"unmerged again): {error}")
+        try:
+            wrapped = type(error)(message)
+        except Exception:
+            wrapped = RuntimeError(message)
+        raise wrapped from error
 
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from its base weight again (W₀ ← W₀ − ΔW)."""
     _nothing_to_merge(_peft_config(model), "unmerge")
-    layers = adapter_layers(model).values()
-    if not any(layer.merged for layer in layers):
+    merged = [layer for layer in adapter_layers(model).values() if layer.merged]
+    if not merged:
         raise RuntimeError("The adapter is not merged, so there is nothing to unmerge.")
-    for layer in layers:
+    for layer in merged:
         layer.unmerge()
+
+
+def _refuse_shared_base_weights(model: nn.Module, layers: dict) -> None:
+    """A base weight that is also another module's parameter (tied input and output embeddings) would change there
+    too; PEFT merges with a warning, which silently changes the input embeddings. Here it is an error."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for layer_name, layer in layers.items():
+        for param in layer.base_layer.parameters(recurse=False):
+            elsewhere = [n for n in names_of.get(id(param), []) if not n.startswith(layer_name + ".")]
+            if elsewhere:
+                raise RuntimeError(
+                    f"Cannot merge into {layer_name}: its weight is shared with {elsewhere[0]} (tied weights, e.g. "
+                    "tie_word_embeddings=True), so merging would change that module too. Keep the adapter unmerged, "
+                    "or untie the weights before get_peft_model (give the layer its own copy of the weight).")
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -157,8 +193,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     state = {}
     for name, module in adapter_modules(model).items():
-        state.update(module.adapter_tensors(name))
+        state.update(module.adapter_tensors(_file_name(name)))
     return state
+
+
+def _file_name(module_name: str) -> str:
+    """The module's name as the base model has it: ``torch.compile`` wraps the model in an ``OptimizedModule``
+    whose ``_orig_mod.`` would otherwise end up in every file key (and not load into an uncompiled model)."""
+    return ".".join(part for part in module_name.split(".") if part != "_orig_mod")
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> None:
@@ -176,9 +218,21 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
     prefix = _key_prefix(config)
     tensors = {(k if k == PROMPT_EMBEDDINGS_KEY else prefix + k): v.detach().contiguous().cpu()
                for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
     name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    type(config)(**{**vars(config), "base_model_name_or_path": name_or_path, "inference_mode": True}).save(directory)
+    saved_config = dataclasses.replace(config, base_model_name_or_path=name_or_path, inference_mode=True)
+    # Both files are written next to the target first and then moved in, weights before config, the old config
+    # removed first: a reader sees the old pair, the new pair, or no config (an error), never a mixed pair; a
+    # failure while writing leaves the directory as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".peft_edu-saving-", dir=directory))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME))
+        saved_config.save(staging)
+        (directory / CONFIG_NAME).unlink(missing_ok=True)
+        (directory / "adapter_model.bin").unlink(missing_ok=True)  # an older PEFT file would be read otherwise
+        os.replace(staging / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+        os.replace(staging / CONFIG_NAME, directory / CONFIG_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
@@ -192,14 +246,19 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
     base model is given back unchanged.
     """
     directory = Path(directory)
+    if any(p.is_meta for p in base_model.parameters()):
+        raise ValueError("The base model's weights are on the meta device (no values yet), so the adapter's tensors "
+                         "would be dropped; load the model with its weights first (e.g. from_pretrained without "
+                         "device_map='meta' / init_empty_weights).")
     if is_adapterhub_directory(directory):
         config, saved = read_adapterhub_directory(base_model, directory)
     else:
         config = load_config(directory)
-        weights_path = directory / "adapter_model.safetensors"
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{weights_path} does not exist (adapter_config.json is there, the weights are not).")
-        saved = load_file(str(weights_path))
+        saved = read_weights(directory)
+    not_finite = [k for k, v in saved.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:
+        raise ValueError(f"The adapter in {directory} has NaN or infinite values in {len(not_finite)} tensors, e.g. "
+                         f"{not_finite[:3]}: the training that produced it diverged; it would turn every output NaN.")
     model = get_peft_model(base_model, config.as_loaded())
     try:
         _copy_into(model, saved, config)
@@ -207,6 +266,30 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
         unload(model)
         raise
     return model
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT adapter directory: ``adapter_model.safetensors``, or PEFT's older
+    ``adapter_model.bin`` (read with ``weights_only=True``: tensors only, no code), with the path in every error."""
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types for truncated or garbage files
+            raise ValueError(f"{path} cannot be read as safetensors ({type(error).__name__}: {error}): the file is "
+                             "truncated or damaged; save the adapter again.") from None
+    path = directory / "adapter_model.bin"
+    if path.is_file():
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{path} cannot be read as a PyTorch state dict of tensors ({type(error).__name__}: "
+                             f"{error}); save the adapter again, preferably as safetensors.") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ValueError(f"{path} does not hold a dict of tensors.")
+        return tensors
+    raise FileNotFoundError(f"{directory} has adapter_config.json but no weights: neither adapter_model.safetensors "
+                            "nor adapter_model.bin.")
 
 
 def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftConfig) -> None:
@@ -223,7 +306,7 @@ def _copy_into(model: nn.Module, saved: dict[str, torch.Tensor], config: PeftCon
             lines.append(f"  {len(unexpected)} tensors in the file have no place in the model, e.g. {unexpected[:3]}")
         lines.append("Was the adapter trained on another base model?")
         raise ValueError("\n".join(lines))
-    modules = adapter_modules(model)
+    modules = {_file_name(name): module for name, module in adapter_modules(model).items()}
     owners = sorted(modules, key=len)
     for key, target in expected.items():
         if given[key].shape != target.shape:
