@@ -111,7 +111,8 @@ class DoraLinear(LoraLinear):
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:  # g ⊙ (W₀ + s·BA) already lives inside base_layer.weight
+        if self.merged:  # g ⊙ (W₀ + s·BA) already lives inside the base weight
+            self.refuse_training_while_merged()
             return self.base_layer(x)
         weight, bias = self.base_weight(), self.base_bias()
         g = self.lora_magnitude_vector / self.weight_norm()  # the norm is a constant (no_grad)

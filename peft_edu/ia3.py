@@ -165,7 +165,8 @@ class IA3Linear(AdapterLayer):
         self.ia3_l = nn.Parameter(vector.to(device=weight.device, dtype=weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:  # l already lives inside base_layer.weight (and bias)
+        if self.merged:  # l already lives inside the base weight (and bias)
+            self.refuse_training_while_merged()
             return self.base_layer(x)
         scale = self.ia3_l.flatten()
         if self.is_feedforward:  # h = W (l ⊙ x) + b

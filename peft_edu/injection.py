@@ -115,6 +115,15 @@ class AdapterLayer(AdapterModule):
             self.unmerge()
         replace_module(model, name, self.base_layer)
 
+    def refuse_training_while_merged(self) -> None:
+        """Called by a merged layer's forward: gradients would reach only W₀'s copy of ΔW, never the adapter."""
+        if self.training and torch.is_grad_enabled() and any(
+                p.requires_grad for n, p in self.named_parameters() if not n.startswith("base_layer.")):
+            raise RuntimeError(
+                f"This {type(self).__name__} is merged (ΔW lives inside the frozen weight), so training it would not "
+                "reach the adapter's parameters. Call peft_edu.unmerge(model) before training; for inference on the "
+                "merged model use model.eval() or torch.no_grad().")
+
     def merge(self) -> None:
         if self.merged:
             raise RuntimeError("This layer is already merged; call unmerge() first if you want to merge again.")

@@ -93,7 +93,8 @@ class LoraLinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:  # ΔW already lives inside base_layer.weight
+        if self.merged:  # ΔW already lives inside the base weight
+            self.refuse_training_while_merged()
             return result
         x = x.to(self.lora_A.weight.dtype)
         return result + (self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))).to(result.dtype)

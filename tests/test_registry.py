@@ -157,7 +157,8 @@ def test_one_weight_accessor_adapts_a_differently_stored_base_layer(layer_class,
     torch.manual_seed(0)
     linear = nn.Linear(6, 5)
     x = torch.randn(4, 6)
-    ours, reference = layer_class(TransposedLinear(linear), **kwargs), layer_class(copy.deepcopy(linear), **kwargs)
+    ours = layer_class(TransposedLinear(linear), **kwargs).eval()
+    reference = layer_class(copy.deepcopy(linear), **kwargs).eval()
     with torch.no_grad():
         for name, param in reference.named_parameters():
             if not name.startswith("base_layer."):
