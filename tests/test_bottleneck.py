@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import re
 
@@ -24,8 +25,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import parity
 import peft_edu
 import peft_edu.assets
+from parity import (
+    assert_close,
+    assert_same_gradients,
+    assert_same_run,
+    assert_unchanged,
+    forward,
+    forward_backward,
+    has_adapter_parts,
+    layers_of,
+    loss_of,
+    trainable,
+)
 from peft_edu.bottleneck import MERGE_ERROR, BottleneckAdapter, ResidualTap
 from peft_edu.injection import TrainedCopy
 
@@ -73,17 +87,9 @@ POST_NORM_OPTIONS = {
 ALL_CONFIGS = {**PRESETS, **MIXED, **OPTIONS}
 
 
-# --- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models run on one thread (faster on 2 shared cores, see test_lora.py); slow tests use both."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# --- helpers (the shared ones are in parity.py) --------------------------------------------------
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
+randomize_trainable = functools.partial(parity.randomize_trainable, std=0.3)
 
 
 @pytest.fixture
@@ -109,6 +115,11 @@ def ours_name(name: str) -> str:
     return re.sub(r"^(classifier|score)\.", r"\1.modules_to_save.", name)
 
 
+def hub_trainable(model) -> dict[str, nn.Parameter]:
+    """An AdapterHub model's trainable tensors under peft_edu's names."""
+    return {ours_name(n): p for n, p in trainable(model).items()}
+
+
 def hub_model(base, config, seed=5):
     """A deepcopy of ``base`` with AdapterHub's adapter ``a`` added (after torch.manual_seed(seed)) and active."""
     model = copy.deepcopy(base)
@@ -117,17 +128,6 @@ def hub_model(base, config, seed=5):
     model.add_adapter(NAME, config=config)
     model.train_adapter(NAME)
     return model
-
-
-def trainable(model) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def randomize_trainable(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(trainable(model).items()):
-        p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def hub_saved(base, config, directory, **save_kwargs):
@@ -139,34 +139,8 @@ def hub_saved(base, config, directory, **save_kwargs):
     return hub
 
 
-def output_of(out):
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def loss_of(out, batch):
-    if getattr(out, "loss", None) is not None:
-        return out.loss
-    mask = batch["attention_mask"].unsqueeze(-1)  # BertModel: a loss over the real tokens and the pooler
-    return (out.last_hidden_state * mask).pow(2).mean() + out.pooler_output.sum()
-
-
-def forward(model, batch):
-    with torch.no_grad():
-        return output_of(model(**batch))
-
-
-def assert_close(actual, expected, rel=1e-6):
-    """float32 agreement: atol relative to the tensor's scale."""
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=rel * scale)
-
-
 def bottleneck_layers(model) -> dict[str, BottleneckAdapter]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
-
-
-def has_adapter_parts(model) -> bool:
-    return any(isinstance(m, (BottleneckAdapter, ResidualTap, TrainedCopy)) for m in model.modules())
+    return layers_of(model, BottleneckAdapter)
 
 
 # --- 1. the equations, by hand --------------------------------------------------------------------
@@ -250,7 +224,7 @@ def test_same_parameters_and_initial_weights_as_adapterhub(kind, config_id, tiny
     ours = copy.deepcopy(base)
     torch.manual_seed(5)
     peft_edu.get_peft_model(ours, make_ours())
-    theirs = {ours_name(n): p for n, p in trainable(hub).items()}
+    theirs = hub_trainable(hub)
     mine = trainable(ours)
     assert sorted(mine) == sorted(theirs)
     norms = sum(m.adapter_norm_before is not None for m in bottleneck_layers(ours).values()) + \
@@ -311,21 +285,9 @@ def test_adapterhub_file_outputs_and_gradients(kind, config_id, tmp_path, tiny_m
     ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
     assert ours.peft_edu_config.task_type == ("SEQ_CLS" if kind.endswith("_cls") else None)
 
-    out_ours, out_hub = ours(**batch), hub(**batch)
-    assert_close(output_of(out_ours), output_of(out_hub))
-    assert not torch.allclose(output_of(out_ours), forward(base, batch), atol=1e-3)
-
+    grads_ours = assert_same_run(ours, hub, batch, base=base, named_theirs=hub_trainable).grads
     assert peft_edu.count_parameters(ours)[0] == sum(p.numel() for p in hub.parameters() if p.requires_grad)
-    loss_of(out_ours, batch).backward()
-    loss_of(out_hub, batch).backward()
-    grads_hub = {ours_name(n): p.grad for n, p in trainable(hub).items()}
-    grads_ours = {n: p.grad for n, p in trainable(ours).items()}
-    assert sorted(grads_ours) == sorted(grads_hub)
     assert sum(".adapter_up." in n for n in grads_ours) == 2 * len(bottleneck_layers(ours)) > 0
-    for name, g in grads_hub.items():
-        assert g is not None and grads_ours[name] is not None, name
-        assert g.abs().sum() > 0, f"{name}: zero gradient, the test would prove nothing"
-        assert_close(grads_ours[name], g)
 
 
 @pytest.mark.parametrize("kind", ["bert_cls", "llama"])
@@ -472,12 +434,6 @@ def test_bad_config_values(kwargs, message):
         peft_edu.SeqBnConfig(**kwargs)
 
 
-def assert_unchanged(model, base, batch):
-    assert not has_adapter_parts(model) and not hasattr(model, "peft_edu_config")
-    assert all(p.requires_grad for p in model.parameters())
-    assert torch.equal(forward(model, batch), forward(base, batch))
-
-
 @pytest.mark.parametrize("config,error,message", [
     (lambda: peft_edu.ConfigUnion(peft_edu.SeqBnConfig(), peft_edu.ParBnConfig()), ValueError,
      r"Layer 0 \(output_adapter, encoder\.layer\.0\.output\) would get an adapter from 2 members"),
@@ -606,10 +562,7 @@ def minilm():
 def check_real_model(base, batch, hub_config, directory, std):
     """AdapterHub's adapter with weights ~ N(0, std²), saved and read by peft_edu: equal outputs, not the base's."""
     hub = hub_model(base, hub_config)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for _, p in sorted(trainable(hub).items()):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    randomize_trainable(hub, std=std)
     hub.eval().save_adapter(str(directory), NAME)
     ours = peft_edu.load_adapter(copy.deepcopy(base), directory).eval()
     out_ours = forward(ours, batch)
@@ -664,24 +617,19 @@ def test_adapterhub_mam_outputs_and_gradients(kind, tmp_path, tiny_model, tiny_b
     assert config.task_type == {"bert": "FEATURE_EXTRACTION", "bert_cls": "SEQ_CLS", "llama": "CAUSAL_LM"}[kind]
     assert config.configs[0].num_virtual_tokens == 4
 
-    out_ours, out_hub = ours(**batch), hub(**batch)
-    assert_close(output_of(out_ours), output_of(out_hub))
-    assert not torch.allclose(output_of(out_ours), forward(base, batch), atol=1e-3)
+    out_ours, _, grads_ours = forward_backward(ours, batch)
+    out_hub, _, grads_hub = forward_backward(hub, batch, named=hub_trainable)
+    assert_close(out_ours, out_hub)
+    assert not torch.allclose(out_ours, forward(base, batch), atol=1e-3)
     without_prefix = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
     without_prefix.prompt_encoder.detach(without_prefix)
-    assert not torch.allclose(output_of(out_ours), forward(without_prefix, batch), atol=1e-3)  # the prefix counts
+    assert not torch.allclose(out_ours, forward(without_prefix, batch), atol=1e-3)  # the prefix counts
 
-    loss_of(out_ours, batch).backward()
-    loss_of(out_hub, batch).backward()
     table = ours.prompt_encoder.embedding.weight
     assert table.grad.abs().sum() > 0
     assert_close(table.grad, prefix_parameter(hub).grad.view(table.shape))
-    grads_hub = {ours_name(n): p.grad for n, p in trainable(hub).items() if not n.endswith("control_trans")}
-    grads_ours = {n: p.grad for n, p in trainable(ours).items() if not n.startswith("prompt_encoder.")}
-    assert sorted(grads_ours) == sorted(grads_hub)
-    for name, g in grads_hub.items():
-        assert g.abs().sum() > 0, name
-        assert_close(grads_ours[name], g)
+    assert_same_gradients({n: g for n, g in grads_ours.items() if not n.startswith("prompt_encoder.")},
+                          {n: g for n, g in grads_hub.items() if not n.endswith("control_trans")})
 
 
 def test_adapterhub_mam_with_its_mlp_and_alone(tmp_path, tiny_model, tiny_batch):

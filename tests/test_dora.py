@@ -19,107 +19,41 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+import parity
 import peft_edu
+from parity import (
+    assert_close,
+    assert_same_report,
+    assert_same_run,
+    copy_peft_into_ours,
+    forward,
+    forward_backward,
+    layers_of,
+    ours_saved,
+    pair_maker,
+    peft_saved,
+    peft_trainable,
+    trainable,
+)
 from peft_edu.dora import DoraLinear
 
 BERT_QV = ["query", "value"]
 LLAMA_ATTN_MLP = ["q_proj", "v_proj", "o_proj", "gate_proj"]
 
 
-# --- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models on one thread (see test_lora.py); the real models (``slow``) use both cores."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# --- helpers (the shared ones are in parity.py) --------------------------------------------------
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
+make_pair = pair_maker("LoraConfig", use_dora=True)
 
 
-def ours_name(peft_name: str) -> str:
-    """PEFT parameter name -> peft_edu parameter name."""
-    name = peft_name.removeprefix("base_model.model.")
-    return name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector").replace(".default.", ".")
-
-
-def make_pair(base, seed=1, **config):
-    """(peft_edu model, PEFT model) from two copies of ``base`` with LoraConfig(use_dora=True, **config)."""
-    config = {"use_dora": True, **config}
-    ours = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    peft_edu.get_peft_model(ours, peft_edu.LoraConfig(**config))
-    torch.manual_seed(seed)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    return ours, theirs
-
-
-def trainable(model) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def peft_trainable(model) -> dict[str, nn.Parameter]:
-    return {ours_name(n): p for n, p in trainable(model).items()}
-
-
-@torch.no_grad()
 def randomize_trainable(model, seed=0, std=0.1, magnitude_spread=0.3):
     """New random lora_A, lora_B and head; each magnitude scaled by 1 + spread·N(0, 1) (away from its init)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(trainable(model).items()):
-        noise = torch.randn(p.shape, generator=g)
-        if "lora_magnitude_vector" in name:
-            p.mul_(1 + magnitude_spread * noise)
-        else:
-            p.copy_(noise * std)
-
-
-@torch.no_grad()
-def copy_peft_into_ours(theirs, ours):
-    mine, theirs_mapped = trainable(ours), peft_trainable(theirs)
-    assert set(theirs_mapped) == set(mine), "peft_edu and PEFT train different tensors"
-    for name, p in theirs_mapped.items():
-        mine[name].copy_(p)
+    parity.randomize_trainable(model, seed, draw=lambda name, p, noise: (
+        p * (1 + magnitude_spread * noise) if "lora_magnitude_vector" in name else noise * std))
 
 
 def dora_layers(model) -> dict[str, DoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, DoraLinear)}
-
-
-def output_of(out):
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def loss_of(out, batch):
-    if getattr(out, "loss", None) is not None:
-        return out.loss
-    mask = batch["attention_mask"].unsqueeze(-1)  # BertModel: real tokens and the pooler ("dense" targets it)
-    return (out.last_hidden_state * mask).pow(2).mean() + out.pooler_output.sum()
-
-
-def assert_close(actual, expected, rel=1e-6):
-    """float32 agreement: atol relative to the tensor's scale (as in test_lora.py)."""
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=rel * scale)
-
-
-def forward(model, batch):
-    with torch.no_grad():
-        return output_of(model(**batch))
-
-
-def forward_backward(model, batch, seed=None):
-    """Output and the gradients of every trainable tensor (names in peft_edu's spelling)."""
-    for p in model.parameters():
-        p.grad = None
-    if seed is not None:
-        torch.manual_seed(seed)
-    out = model(**batch)
-    loss_of(out, batch).backward()
-    params = peft_trainable(model) if isinstance(model, peft.PeftModel) else trainable(model)
-    return output_of(out).detach(), {n: p.grad for n, p in params.items()}
+    return layers_of(model, DoraLinear)
 
 
 # --- 1. config and injection ----------------------------------------------------------------------
@@ -181,19 +115,12 @@ def test_outputs_and_gradients_equal_peft(kind, config, mode, tiny_model, tiny_b
     copy_peft_into_ours(theirs, ours)
     ours.train(mode != "eval"), theirs.train(mode != "eval")
 
-    out_ours, grads_ours = forward_backward(ours, batch, seed=5)
-    out_theirs, grads_theirs = forward_backward(theirs, batch, seed=5)
-    assert_close(out_ours, out_theirs)
-    assert set(grads_ours) == set(grads_theirs)
+    out_ours, _, grads_ours = assert_same_run(ours, theirs, batch, seed=5)
     n_layers = len(dora_layers(ours))
     assert sum(n.endswith("lora_magnitude_vector") for n in grads_ours) == n_layers > 0
-    for name, g in grads_theirs.items():
-        assert g is not None and grads_ours[name] is not None, name
-        assert g.abs().sum() > 0, f"{name}: zero gradient, the test would prove nothing"
-        assert_close(grads_ours[name], g)
 
     if mode == "train-dropout":  # dropout really acts: another seed, other masks, another output
-        assert not torch.allclose(forward_backward(ours, batch, seed=6)[0], out_ours, atol=1e-4)
+        assert not torch.allclose(forward_backward(ours, batch, seed=6).output, out_ours, atol=1e-4)
     # The adapter changes the output, and so does m on its own: with m = ‖W₀ + sBA‖ (g = 1) DoRA is
     # plain LoRA with the same A and B, which the perturbed m must not give.
     ours.eval()
@@ -455,10 +382,7 @@ FILE_CASES = [
 def test_peft_edu_file_loads_in_peft(kind, config, tmp_path, tiny_model, tiny_batch):
     base = tiny_model(kind)
     batch = tiny_batch(kind)
-    ours = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.LoraConfig(use_dora=True, **config))
-    randomize_trainable(ours)
-    ours.eval()
-    peft_edu.save_adapter(ours, tmp_path)
+    ours = ours_saved(base, peft_edu.LoraConfig(use_dora=True, **config), tmp_path, randomize_trainable)
 
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["use_dora"] is True and written["peft_type"] == "LORA"
@@ -486,10 +410,7 @@ def test_peft_edu_file_loads_in_peft(kind, config, tmp_path, tiny_model, tiny_ba
 def test_peft_file_loads_in_peft_edu(kind, config, tmp_path, tiny_model, tiny_batch):
     base = tiny_model(kind)
     batch = tiny_batch(kind)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(use_dora=True, **config))
-    randomize_trainable(theirs)
-    theirs.eval()
-    theirs.save_pretrained(tmp_path)
+    theirs = peft_saved(base, peft.LoraConfig(use_dora=True, **config), tmp_path, randomize_trainable)
     ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
     assert ours.peft_edu_config.use_dora is True
     saved = load_file(tmp_path / "adapter_model.safetensors")
@@ -541,11 +462,7 @@ def test_plain_lora_file_does_not_load_as_dora(tmp_path, tiny_model):
 def test_parameter_report_equals_peft(kind, config, capsys, tiny_model):
     ours, theirs = make_pair(tiny_model(kind), **config)
     assert peft_edu.count_parameters(ours) == theirs.get_nb_trainable_parameters()
-    capsys.readouterr()
-    peft_edu.print_trainable_parameters(ours)
-    line_ours = capsys.readouterr().out
-    theirs.print_trainable_parameters()
-    assert line_ours == capsys.readouterr().out
+    assert_same_report(ours, theirs, capsys)
     plain = peft_edu.get_peft_model(tiny_model(kind), peft_edu.LoraConfig(**config))
     # DoRA adds one magnitude per output feature of every adapted layer.
     extra = sum(m.base_layer.out_features for m in dora_layers(ours).values())
@@ -588,20 +505,11 @@ def check_real_model(base, batch, config, tmp_path, capsys):
     copy_peft_into_ours(theirs, ours)
     for mode in ("eval", "train"):  # train: dropout 0.1 in the adapters and in the model itself
         ours.train(mode == "train"), theirs.train(mode == "train")
-        out_ours, grads_ours = forward_backward(ours, batch, seed=0)
-        out_theirs, grads_theirs = forward_backward(theirs, batch, seed=0)
-        assert_close(out_ours, out_theirs, rel=1e-5)
-        for name, g in grads_theirs.items():
-            assert g.abs().sum() > 0, name
-            assert_close(grads_ours[name], g, rel=1e-5)
+        assert_same_run(ours, theirs, batch, seed=0, rel=1e-5)
     ours.eval(), theirs.eval()
     assert not torch.allclose(forward(ours, batch), forward(base, batch), atol=1e-3)
 
-    capsys.readouterr()
-    peft_edu.print_trainable_parameters(ours)
-    line_ours = capsys.readouterr().out
-    theirs.print_trainable_parameters()
-    assert line_ours == capsys.readouterr().out
+    line_ours = assert_same_report(ours, theirs, capsys)
 
     peft_edu.save_adapter(ours, tmp_path / "ours")
     loaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()

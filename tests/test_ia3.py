@@ -22,26 +22,34 @@ from peft.utils.constants import (
 from safetensors.torch import load_file
 from torch import nn
 
+import parity
 import peft_edu
 import peft_edu.assets
+from parity import (
+    REPORT_LINE,
+    assert_close,
+    assert_same_report,
+    assert_same_run,
+    assert_unchanged,
+    copy_peft_into_ours,
+    forward,
+    has_adapter_parts,
+    layers_of,
+    ours_saved,
+    pair_maker,
+    peft_saved,
+    peft_trainable,
+    trainable,
+)
 from peft_edu.ia3 import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES
-from peft_edu.injection import TrainedCopy
 
 BERT_KVO = ["key", "value", "output.dense"]  # PEFT's BERT default (output.dense: two modules per layer)
 LLAMA_KVD = ["k_proj", "v_proj", "down_proj"]  # PEFT's Llama default
 
 
 # --- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models run on one thread (faster on 2 shared cores, see test_lora.py); slow tests use both."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
+make_pair = pair_maker("IA3Config")
 
 
 @pytest.fixture
@@ -59,77 +67,19 @@ def tiny_model(tiny_model):
     return build
 
 
-def ours_name(peft_name: str) -> str:
-    """PEFT parameter name -> peft_edu parameter name (``X.ia3_l.default`` -> ``X.ia3_l``)."""
-    name = peft_name.removeprefix("base_model.model.").replace(".default.", ".")
-    return name.removesuffix(".default")
-
-
-def make_pair(base, seed=1, **config):
-    """(peft_edu model, PEFT model) from two copies of ``base``, both with IA3Config(**config), same RNG state."""
-    ours = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    peft_edu.get_peft_model(ours, peft_edu.IA3Config(**copy.deepcopy(config)))
-    torch.manual_seed(seed)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**copy.deepcopy(config)))
-    return ours, theirs
-
-
-def trainable(model) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
 def randomize_trainable(model, seed=0):
     """Vectors from N(0, 1) (far from the init 1), the head's copy from N(0, 0.5²)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(trainable(model).items()):
-        p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "ia3_l" in name else 0.5))
-
-
-@torch.no_grad()
-def copy_peft_into_ours(theirs, ours):
-    mine = trainable(ours)
-    theirs_mapped = {ours_name(n): p for n, p in trainable(theirs).items()}
-    assert set(theirs_mapped) == set(mine), "peft_edu and PEFT train different tensors"
-    for name, p in theirs_mapped.items():
-        mine[name].copy_(p)
-
-
-def output_of(out):
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def loss_of(out, batch):
-    if getattr(out, "loss", None) is not None:
-        return out.loss
-    mask = batch["attention_mask"].unsqueeze(-1)  # BertModel: a loss over the real tokens and the pooler
-    return (out.last_hidden_state * mask).pow(2).mean() + out.pooler_output.sum()
-
-
-def assert_close(actual, expected, rel=1e-6):
-    """float32 agreement: atol relative to the tensor's scale."""
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=rel * scale)
+    parity.randomize_trainable(model, seed, draw=lambda name, p, noise: noise * (1.0 if "ia3_l" in name else 0.5))
 
 
 def ia3_layers(model) -> dict[str, peft_edu.IA3Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, peft_edu.IA3Linear)}
+    return layers_of(model, peft_edu.IA3Linear)
 
 
 def peft_layers(model) -> dict:
     """PEFT's IA³ layers by our module name."""
     return {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
             if isinstance(m, peft.tuners.ia3.IA3Layer)}
-
-
-def has_adapter_parts(model) -> bool:
-    return any(isinstance(m, (peft_edu.IA3Linear, TrainedCopy)) for m in model.modules())
-
-
-def forward(model, batch):
-    with torch.no_grad():
-        return output_of(model(**batch))
 
 
 # --- 1. the layer: which side is scaled --------------------------------------------------------
@@ -239,7 +189,7 @@ def test_injection_leaves_the_random_stream_where_peft_leaves_it(tiny_model):
 def test_init_false_draws_the_same_vectors_as_peft(tiny_model, tiny_batch):
     base = tiny_model("llama")
     ours, theirs = make_pair(base, init_ia3_weights=False, seed=7)
-    theirs_params = {ours_name(n): p for n, p in trainable(theirs).items()}
+    theirs_params = peft_trainable(theirs)
     assert set(theirs_params) == set(trainable(ours))
     for name, p in trainable(ours).items():
         assert torch.equal(p, theirs_params[name]), name
@@ -258,20 +208,8 @@ def test_outputs_and_gradients_equal_peft(kind, config, tiny_model, tiny_batch):
     batch = tiny_batch(kind)
     assert (batch["attention_mask"] == 0).any()
 
-    out_ours, out_theirs = ours(**batch), theirs(**batch)
-    assert_close(output_of(out_ours), output_of(out_theirs))
-    assert not torch.allclose(output_of(out_ours), forward(base, batch), atol=1e-3)
-
-    loss_of(out_ours, batch).backward()
-    loss_of(out_theirs, batch).backward()
-    grads_theirs = {ours_name(n): p.grad for n, p in trainable(theirs).items()}
-    grads_ours = {n: p.grad for n, p in trainable(ours).items()}
-    assert set(grads_ours) == set(grads_theirs)
+    grads_ours = assert_same_run(ours, theirs, batch, base=base).grads
     assert sum(n.endswith("ia3_l") for n in grads_ours) == len(ia3_layers(ours)) > 0
-    for name, g in grads_theirs.items():
-        assert g is not None and grads_ours[name] is not None, name
-        assert g.abs().sum() > 0, f"{name}: zero gradient, the test would prove nothing"
-        assert_close(grads_ours[name], g)
 
 
 # --- 5. merge / unmerge --------------------------------------------------------------------------
@@ -357,10 +295,7 @@ FILE_CASES = [
 def test_peft_edu_file_loads_in_peft(kind, config, tmp_path, tiny_model, tiny_batch):
     base = tiny_model(kind)
     batch = tiny_batch(kind)
-    ours = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.IA3Config(**config))
-    randomize_trainable(ours)
-    ours.eval()
-    peft_edu.save_adapter(ours, tmp_path)
+    ours = ours_saved(base, peft_edu.IA3Config(**config), tmp_path, randomize_trainable)
 
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["peft_type"] == "IA3" and written["task_type"] == config.get("task_type")
@@ -392,10 +327,7 @@ def test_peft_edu_file_loads_in_peft(kind, config, tmp_path, tiny_model, tiny_ba
 def test_peft_file_loads_in_peft_edu(kind, config, tmp_path, tiny_model, tiny_batch):
     base = tiny_model(kind)
     batch = tiny_batch(kind)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**copy.deepcopy(config)))
-    randomize_trainable(theirs)
-    theirs.eval()
-    theirs.save_pretrained(tmp_path)
+    theirs = peft_saved(base, peft.IA3Config(**copy.deepcopy(config)), tmp_path, randomize_trainable)
     ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
     assert isinstance(ours.peft_edu_config, peft_edu.IA3Config)
     assert_close(forward(ours, batch), forward(theirs, batch))
@@ -494,12 +426,7 @@ REPORT_CASES = [
 def test_parameter_report_equals_peft(kind, config, capsys, tiny_model):
     ours, theirs = make_pair(tiny_model(kind), **config)
     assert peft_edu.count_parameters(ours) == theirs.get_nb_trainable_parameters()
-    capsys.readouterr()
-    peft_edu.print_trainable_parameters(ours)
-    line_ours = capsys.readouterr().out
-    theirs.print_trainable_parameters()
-    assert line_ours == capsys.readouterr().out
-    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}\n", line_ours)
+    assert re.fullmatch(REPORT_LINE, assert_same_report(ours, theirs, capsys))
 
 
 def test_parameter_count_by_hand(tiny_model):
@@ -529,12 +456,6 @@ def test_bad_config_values(kwargs, error, message):
 def test_feedforward_not_a_subset_is_rejected_by_peft_too():
     with pytest.raises(ValueError, match=r"^`feedforward_modules` should be a subset of `target_modules`$"):
         peft.IA3Config(target_modules=["key", "value"], feedforward_modules=["output.dense"])
-
-
-def assert_unchanged(model, base, batch):
-    assert not has_adapter_parts(model) and not hasattr(model, "peft_edu_config")
-    assert all(p.requires_grad for p in model.parameters())
-    assert torch.equal(forward(model, batch), forward(base, batch))
 
 
 @pytest.mark.parametrize("config,error,message", [
@@ -601,10 +522,8 @@ def smollm2():
 
 def check_real_model(base, batch, config, tmp_path, capsys):
     ours = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.IA3Config(**config))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for _, p in sorted(trainable(ours).items()):
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))  # far from 1, not so far that 30 layers explode
+    # far from 1, not so far that 30 layers explode
+    parity.randomize_trainable(ours, draw=lambda name, p, noise: 1 + 0.3 * noise)
     ours.eval()
     out_base = forward(base, batch)
     peft_edu.save_adapter(ours, tmp_path / "ours")
@@ -613,11 +532,7 @@ def check_real_model(base, batch, config, tmp_path, capsys):
     assert_close(out_ours, out_theirs, rel=1e-5)
     assert not torch.allclose(out_ours, out_base, atol=1e-2)
 
-    capsys.readouterr()
-    peft_edu.print_trainable_parameters(ours)
-    line_ours = capsys.readouterr().out
-    theirs.print_trainable_parameters()
-    assert line_ours == capsys.readouterr().out
+    line_ours = assert_same_report(ours, theirs, capsys)
 
     peft_edu.merge(ours)
     assert_close(forward(ours, batch), out_ours, rel=1e-4)

@@ -21,6 +21,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peft_edu
+from parity import (
+    REPORT_LINE,
+    assert_close,
+    assert_same_report,
+    assert_same_run,
+    assert_unchanged,
+    copy_peft_into_ours,
+    forward,
+    has_adapter_parts,
+    layers_of,
+    ours_saved,
+    pair_maker,
+    peft_saved,
+    peft_trainable,
+    randomize_trainable,
+    trainable,
+)
 from peft_edu.injection import TrainedCopy
 
 BERT_QV = ["query", "value"]
@@ -30,89 +47,13 @@ LLAMA_REGEX = r".*\.mlp\.(up|down)_proj"
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-# --- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models run on one thread; only the real models (``slow``) use both (conftest sets 2).
-
-    A 32-wide layer gains nothing from a second thread, and when the 2 cores are busy with other
-    work the OpenMP hand-offs dominate: measured on this machine under load, the fast tests took
-    4 s with 1 thread and 98 s with 2.
-    """
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def ours_name(peft_name: str) -> str:
-    """PEFT parameter name -> peft_edu parameter name."""
-    return peft_name.removeprefix("base_model.model.").replace(".default.", ".")
-
-
-def make_pair(base, seed=1, **config):
-    """(peft_edu model, PEFT model) from two copies of ``base``, both with LoraConfig(**config), same RNG state."""
-    ours = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    peft_edu.get_peft_model(ours, peft_edu.LoraConfig(**config))
-    torch.manual_seed(seed)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    return ours, theirs
-
-
-def trainable(model) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def randomize_trainable(model, seed=0, std=0.5):
-    """Give every trainable tensor (lora_A, lora_B, the head's copy) new random values, B included."""
-    g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(trainable(model).items()):
-        p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-@torch.no_grad()
-def copy_peft_into_ours(theirs, ours):
-    mine = trainable(ours)
-    theirs_mapped = {ours_name(n): p for n, p in trainable(theirs).items()}
-    assert set(theirs_mapped) == set(mine), "peft_edu and PEFT train different tensors"
-    for name, p in theirs_mapped.items():
-        mine[name].copy_(p)
-
-
-def output_of(out):
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def loss_of(out, batch):
-    if getattr(out, "loss", None) is not None:
-        return out.loss
-    # BertModel: a loss over the real tokens and the pooler (which "dense" targets too).
-    mask = batch["attention_mask"].unsqueeze(-1)
-    return (out.last_hidden_state * mask).pow(2).mean() + out.pooler_output.sum()
-
-
-def assert_close(actual, expected, rel=1e-6):
-    """float32 agreement: atol relative to the tensor's scale."""
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=rel * scale)
+# --- helpers (the shared ones are in parity.py) --------------------------------------------------
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
+make_pair = pair_maker("LoraConfig")
 
 
 def lora_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, peft_edu.LoraLinear)}
-
-
-def has_adapter_parts(model) -> bool:
-    return any(isinstance(m, (peft_edu.LoraLinear, TrainedCopy)) for m in model.modules())
-
-
-def forward(model, batch):
-    with torch.no_grad():
-        return output_of(model(**batch))
+    return layers_of(model, peft_edu.LoraLinear)
 
 
 # --- 1. same weights -> same outputs and gradients as PEFT --------------------------------------
@@ -139,22 +80,10 @@ def test_outputs_and_gradients_equal_peft(kind, targets, task_type, use_rslora, 
     batch = tiny_batch(kind)
     assert (batch["attention_mask"] == 0).any()
 
-    out_ours, out_theirs = ours(**batch), theirs(**batch)
-    assert_close(output_of(out_ours), output_of(out_theirs))
-    # The adapter changes the output (else the comparison above would prove little).
-    assert not torch.allclose(output_of(out_ours), forward(base, batch), atol=1e-3)
-
-    loss_of(out_ours, batch).backward()
-    loss_of(out_theirs, batch).backward()
-    grads_theirs = {ours_name(n): p.grad for n, p in trainable(theirs).items()}
-    grads_ours = {n: p.grad for n, p in trainable(ours).items()}
-    assert set(grads_ours) == set(grads_theirs)
+    # Same output, loss and gradients; and the adapter changes the output (else that would prove little).
+    grads_ours = assert_same_run(ours, theirs, batch, base=base).grads
     n_lora = sum("lora_" in n for n in grads_ours)
     assert n_lora == 2 * len(lora_layers(ours)) > 0
-    for name, g in grads_theirs.items():
-        assert g is not None and grads_ours[name] is not None, name
-        assert g.abs().sum() > 0, f"{name}: zero gradient, the test would prove nothing"
-        assert_close(grads_ours[name], g)
 
 
 def test_targets_are_the_same_modules_as_peft(tiny_model):
@@ -210,7 +139,7 @@ def test_init_equals_base_and_peft(kind, targets, tiny_model, tiny_batch):
     assert torch.equal(forward(ours, batch), forward(base, batch))
     # Same RNG state -> PEFT draws the very same A (both create lora_A, lora_B as nn.Linear, then
     # kaiming_uniform_(A, a=sqrt(5)), in the same module order).
-    theirs_params = {ours_name(n): p for n, p in trainable(theirs).items()}
+    theirs_params = peft_trainable(theirs)
     for name, p in trainable(ours).items():
         assert torch.equal(p, theirs_params[name]), name
 
@@ -284,10 +213,8 @@ FILE_CASES = [
 def test_peft_edu_file_loads_in_peft(kind, config, tmp_path, tiny_model, tiny_batch):
     base = tiny_model(kind)
     batch = tiny_batch(kind)
-    ours = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.LoraConfig(**config))
-    randomize_trainable(ours)  # B and the classifier head's copy too: they must travel
-    ours.eval()
-    peft_edu.save_adapter(ours, tmp_path)
+    # B and the classifier head's copy are randomized too: they must travel
+    ours = ours_saved(base, peft_edu.LoraConfig(**config), tmp_path, randomize_trainable)
 
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA"
@@ -317,10 +244,7 @@ def test_peft_edu_file_loads_in_peft(kind, config, tmp_path, tiny_model, tiny_ba
 def test_peft_file_loads_in_peft_edu(kind, config, tmp_path, tiny_model, tiny_batch):
     base = tiny_model(kind)
     batch = tiny_batch(kind)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    randomize_trainable(theirs)
-    theirs.eval()
-    theirs.save_pretrained(tmp_path)
+    theirs = peft_saved(base, peft.LoraConfig(**config), tmp_path, randomize_trainable)
     ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
     assert ours.peft_edu_config.r == config["r"] and ours.peft_edu_config.lora_alpha == config["lora_alpha"]
     assert_close(forward(ours, batch), forward(theirs, batch))
@@ -334,10 +258,7 @@ def test_peft_file_loads_in_peft_edu(kind, config, tmp_path, tiny_model, tiny_ba
 def test_peft_edu_round_trip_is_bit_exact(kind, config, tmp_path, tiny_model, tiny_batch):
     base = tiny_model(kind)
     batch = tiny_batch(kind)
-    ours = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.LoraConfig(**config))
-    randomize_trainable(ours)
-    ours.eval()
-    peft_edu.save_adapter(ours, tmp_path)
+    ours = ours_saved(base, peft_edu.LoraConfig(**config), tmp_path, randomize_trainable)
     again = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
     assert sorted(again.peft_edu_config.target_modules) == sorted(ours.peft_edu_config.target_modules)
     state, state_again = ours.state_dict(), again.state_dict()
@@ -366,13 +287,7 @@ def test_parameter_report_equals_peft(kind, config, capsys, tiny_model):
     base = tiny_model(kind)
     ours, theirs = make_pair(base, **config)
     assert peft_edu.count_parameters(ours) == theirs.get_nb_trainable_parameters()
-    capsys.readouterr()
-    peft_edu.print_trainable_parameters(ours)
-    line_ours = capsys.readouterr().out
-    theirs.print_trainable_parameters()
-    line_theirs = capsys.readouterr().out
-    assert line_ours == line_theirs
-    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}\n", line_ours)
+    assert re.fullmatch(REPORT_LINE, assert_same_report(ours, theirs, capsys))
 
 
 def test_parameter_report_by_hand(capsys, tiny_model):
@@ -491,9 +406,7 @@ def test_unknown_target_name_is_an_error_unlike_peft(tiny_model, tiny_batch):
     assert {"'query'", "'value'", "'key'", "'dense'"} <= set(candidates.strip("[]").split(", "))
     assert "original_module" not in candidates and "modules_to_save" not in candidates  # our wrappers aren't candidates
     # The failed call left the model as it was (the head had already been wrapped when the target check failed).
-    assert not has_adapter_parts(model) and not hasattr(model, "peft_edu_config")
-    assert all(p.requires_grad for p in model.parameters())
-    assert torch.equal(forward(model, batch), forward(base, batch))
+    assert_unchanged(model, base, batch)
     # PEFT accepts the typo silently as long as another entry matches and adapts only `query`
     # (PEFT issue #1959): training then runs with fewer LoRA layers than intended.
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["query", "valeu"],
@@ -535,9 +448,7 @@ def test_merge_without_adapter(tiny_model):
 
 
 def assert_unchanged_after_failed_load(model, base, batch):
-    assert not has_adapter_parts(model) and not hasattr(model, "peft_edu_config")
-    assert all(p.requires_grad for p in model.parameters())
-    assert torch.equal(forward(model, batch), forward(base, batch))
+    assert_unchanged(model, base, batch)
     peft_edu.get_peft_model(model, peft_edu.LoraConfig(target_modules=["query"]))  # still usable
 
 
@@ -684,11 +595,7 @@ def check_real_model(base, batch, config, tmp_path, capsys):
     assert_close(out_ours, out_theirs, rel=1e-5)
     assert not torch.allclose(out_ours, out_base, atol=1e-3)
 
-    capsys.readouterr()
-    peft_edu.print_trainable_parameters(ours)
-    line_ours = capsys.readouterr().out
-    theirs.print_trainable_parameters()
-    assert line_ours == capsys.readouterr().out
+    line_ours = assert_same_report(ours, theirs, capsys)
     assert line_ours.startswith("trainable params: ")
 
     # And back: PEFT's file into peft_edu (reusing our copy: unload without merge gives the exact base back).

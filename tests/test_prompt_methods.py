@@ -21,22 +21,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peft_edu
+from parity import (
+    REPORT_LINE,
+    assert_close,
+    assert_same_report,
+    assert_same_run,
+    copy_peft_into_ours,
+    forward,
+    make_pair,
+    peft_trainable,
+    randomize,
+    trainable,
+)
 from peft_edu.injection import TrainedCopy
 
 N = 5  # virtual tokens in most tests
 
 
 # --- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models on one thread (see test_lora.py); the real models (``slow``) use both cores."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 
 
 @pytest.fixture(autouse=True)
@@ -47,52 +50,10 @@ def _quiet_peft_warnings():
         yield
 
 
-def config_pair(method: str, **config):
-    return getattr(peft_edu, method)(**config), getattr(peft, method)(**config)
-
-
-def make_pair(base, method, seed=1, **config):
-    """(peft_edu model, PEFT model) from two copies of ``base``, same config, same RNG state."""
-    ours_config, theirs_config = config_pair(method, **config)
-    torch.manual_seed(seed)
-    ours = peft_edu.get_peft_model(copy.deepcopy(base), ours_config)
-    torch.manual_seed(seed)
-    theirs = peft.get_peft_model(copy.deepcopy(base), theirs_config)
-    return ours, theirs
-
-
-def ours_name(peft_name: str) -> str:
-    return peft_name.removeprefix("base_model.").replace(".default.", ".")
-
-
-def trainable(model) -> dict:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
 def randomize_and_copy(theirs, ours, seed=0, std=0.5):
     """New random values for PEFT's trainable tensors (prompt encoder, head copy), copied into ours."""
-    g = torch.Generator().manual_seed(seed)
-    mine = trainable(ours)
-    theirs_mapped = {ours_name(n): p for n, p in trainable(theirs).items()}
-    assert set(theirs_mapped) == set(mine), "peft_edu and PEFT train different tensors"
-    for name, p in sorted(theirs_mapped.items()):
-        p.copy_(torch.randn(p.shape, generator=g) * std)
-        mine[name].copy_(p)
-
-
-def output_of(out):
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def forward(model, batch):
-    with torch.no_grad():
-        return output_of(model(**batch))
-
-
-def assert_close(actual, expected, rel=1e-6):
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=rel * scale)
+    randomize(peft_trainable(theirs), seed=seed, std=std)
+    copy_peft_into_ours(theirs, ours)
 
 
 def left_padded(batch):
@@ -111,23 +72,6 @@ def padded(tiny_batch, kind, side):
     batch = left_padded(batch)
     batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return batch
-
-
-def loss_of(out, batch):
-    if getattr(out, "loss", None) is not None:
-        return out.loss
-    mask = batch["attention_mask"].unsqueeze(-1)  # BertModel: the real tokens' features
-    return (out.last_hidden_state[:, -mask.shape[1]:] * mask).pow(2).mean() + out.pooler_output.sum()
-
-
-def bert_cls(**overrides):
-    """tests/conftest.py's tiny BERT classifier with other sizes (its factory fixes vocab_size and num_hidden_layers)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=64, pad_token_id=0, num_labels=3)
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(**{**config, **overrides})).eval()
 
 
 def greedy(model, batch, new=8, logits=False):
@@ -161,25 +105,15 @@ def test_outputs_and_gradients_equal_peft(method, extra, kind, task_type, side, 
     randomize_and_copy(theirs, ours)
     batch = padded(tiny_batch, kind, side)
 
-    out_ours, out_theirs = ours(**batch), theirs(**batch)
-    assert_close(output_of(out_ours), output_of(out_theirs))
-    assert_close(out_ours.loss, out_theirs.loss)
+    ours_run = assert_same_run(ours, theirs, batch)  # outputs, losses and gradients
     expected_len = batch["input_ids"].shape[1] + (N if method == PROMPT else 0)  # prompt tuning: n + T positions
     if kind == "llama":
-        assert output_of(out_ours).shape[1] == expected_len
+        assert ours_run.output.shape[1] == expected_len
     # The virtual tokens change the output (else the comparison above would prove little).
     base_out = forward(base, batch)
-    assert not torch.allclose(output_of(out_ours)[..., -base_out.shape[-2]:, :] if kind == "llama"
-                              else output_of(out_ours), base_out, atol=1e-3)
-
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    grads_theirs = {ours_name(n): p.grad for n, p in trainable(theirs).items()}
-    grads_ours = {n: p.grad for n, p in trainable(ours).items()}
-    assert set(grads_ours) == set(grads_theirs) and any(n.startswith("prompt_encoder.") for n in grads_ours)
-    for name, g in grads_theirs.items():
-        assert g is not None and g.abs().sum() > 0, f"{name}: no gradient, the test would prove nothing"
-        assert_close(grads_ours[name], g)
+    assert not torch.allclose(ours_run.output[..., -base_out.shape[-2]:, :] if kind == "llama"
+                              else ours_run.output, base_out, atol=1e-3)
+    assert any(n.startswith("prompt_encoder.") for n in ours_run.grads)
     # The frozen model gets no gradient.
     assert all(p.grad is None for n, p in ours.named_parameters() if not p.requires_grad)
 
@@ -237,7 +171,7 @@ def test_init_equals_peft_under_the_same_seed(method, config, kind, task_type, t
     base = tiny_model(kind)
     ours, theirs = make_pair(base, method, num_virtual_tokens=N, task_type=task_type, **config)
     mine = trainable(ours)
-    theirs_mapped = {ours_name(n): p for n, p in trainable(theirs).items()}
+    theirs_mapped = peft_trainable(theirs)
     assert mine.keys() == theirs_mapped.keys()
     for name, p in mine.items():
         assert torch.equal(p, theirs_mapped[name]), name
@@ -284,7 +218,7 @@ def test_text_init_equals_peft_with_a_local_tokenizer(tiny_model):
 
     path = str(gt.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    base = bert_cls(vocab_size=tokenizer.vocab_size)
+    base = tiny_model("bert_cls", vocab_size=tokenizer.vocab_size)
     text = "Is this review positive"  # [CLS] is this review positive [SEP]: 6 ids, repeated to 10
     ids = tokenizer(text)["input_ids"]
     assert len(ids) == 6
@@ -558,7 +492,7 @@ def test_load_adapter_errors(tmp_path, tiny_model, tiny_batch):
         assert not any(m._forward_pre_hooks for m in target.modules())
         assert torch.equal(forward(target, batch), forward(base, batch))
 
-    other = bert_cls(num_hidden_layers=3)
+    other = tiny_model("bert_cls", num_hidden_layers=3)
     with pytest.raises(ValueError, match=r"has num_layers=2, but BertForSequenceClassification needs num_layers=3"):
         peft_edu.load_adapter(other, tmp_path)
     assert not hasattr(other, "prompt_encoder")
@@ -588,12 +522,7 @@ def test_load_adapter_errors(tmp_path, tiny_model, tiny_batch):
 def test_parameter_report_equals_peft(kind, method, config, capsys, tiny_model):
     ours, theirs = make_pair(tiny_model(kind), method, num_virtual_tokens=N, **config)
     assert peft_edu.count_parameters(ours) == theirs.get_nb_trainable_parameters()
-    capsys.readouterr()
-    peft_edu.print_trainable_parameters(ours)
-    line_ours = capsys.readouterr().out
-    theirs.print_trainable_parameters()
-    assert line_ours == capsys.readouterr().out
-    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}\n", line_ours)
+    assert re.fullmatch(REPORT_LINE, assert_same_report(ours, theirs, capsys))
 
 
 def test_parameter_counts_by_hand(tiny_model):
