@@ -206,8 +206,11 @@ def _file_name(module_name: str) -> str:
     return ".".join(part for part in module_name.split(".") if part != "_orig_mod")
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> None:
+def save_adapter(model: nn.Module, directory: str | Path, overwrite: bool = False) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does.
+
+    A directory that already holds an adapter is refused unless ``overwrite=True`` (PEFT overwrites without a
+    word, which can silently replace another task's adapter).
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` loads the result. Bottleneck adapters (which
     PEFT does not have) are written the same way with ``"peft_type": "BOTTLENECK"`` (a ConfigUnion: "UNION");
@@ -217,6 +220,10 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
     if any(layer.merged for layer in adapter_layers(model).values()):
         raise RuntimeError("Save the adapter before merging (or unmerge(model) first): a merged W₀ is no longer the base model's.")
     directory = Path(directory)
+    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin") if (directory / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{directory} already holds an adapter ({', '.join(existing)}); pass overwrite=True to "
+                              "replace it, or save into another directory.")
     directory.mkdir(parents=True, exist_ok=True)
     prefix = _key_prefix(config)
     tensors = {(k if k == PROMPT_EMBEDDINGS_KEY else prefix + k): v.detach().contiguous().cpu()
@@ -238,8 +245,11 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
+def load_adapter(base_model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
     """Add the adapter saved in ``directory`` (by PEFT or peft_edu) to ``base_model`` and return it.
+
+    As PEFT's ``PeftModel.from_pretrained``, the adapter is loaded for inference: every parameter is frozen and the
+    stored config says ``inference_mode=True``. Pass ``is_trainable=True`` to train it further.
 
     A bottleneck adapter saved by AdapterHub (``model.save_adapter(directory, name)``) is recognised by its
     files and converted (see ``adapterhub.py``).
@@ -262,12 +272,17 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
     if not_finite:
         raise ValueError(f"The adapter in {directory} has NaN or infinite values in {len(not_finite)} tensors, e.g. "
                          f"{not_finite[:3]}: the training that produced it diverged; it would turn every output NaN.")
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"is_trainable={is_trainable!r}: True (train the loaded adapter) or False (inference).")
     model = get_peft_model(base_model, config.as_loaded())
     try:
         _copy_into(model, saved, config)
     except Exception:
         unload(model)
         raise
+    if not is_trainable:
+        model.requires_grad_(False)  # unload gives back the base model's own requires_grad flags
+    model.peft_edu_config = dataclasses.replace(model.peft_edu_config, inference_mode=not is_trainable)
     return model
 
 

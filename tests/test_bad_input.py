@@ -107,7 +107,7 @@ def test_nan_weights_are_refused(saved, tiny_batch):
     base, model, directory = saved
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = math.nan
-    peft_edu.save_adapter(model, directory)
+    peft_edu.save_adapter(model, directory, overwrite=True)
     fresh = copy.deepcopy(base)
     with pytest.raises(ValueError, match="NaN or infinite values in 1 tensors.*lora_B"):
         peft_edu.load_adapter(fresh, directory)
@@ -138,13 +138,24 @@ def test_a_failure_while_saving_leaves_the_old_pair(saved, tiny_batch, monkeypat
 
     monkeypatch.setattr(peft_edu.PeftConfig, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        peft_edu.save_adapter(model, directory)
+        peft_edu.save_adapter(model, directory, overwrite=True)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # nothing new, no staging folder left
 
 
 def test_saving_writes_the_two_files_and_nothing_else(saved):
     _, _, directory = saved
     assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_saving_over_another_adapter_needs_overwrite(saved, tiny_model):
+    base, model, directory = saved
+    other = peft_edu.get_peft_model(tiny_model("bert"), peft_edu.IA3Config(target_modules=["key"], feedforward_modules=[]))
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds an adapter.*overwrite=True"):
+        peft_edu.save_adapter(other, directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    peft_edu.save_adapter(other, directory, overwrite=True)
+    assert isinstance(peft_edu.load_adapter(copy.deepcopy(base), directory).peft_edu_config, peft_edu.IA3Config)
 
 
 # --- merging ---------------------------------------------------------------------------------------
@@ -242,3 +253,19 @@ def test_training_a_merged_model_is_an_error_that_says_unmerge(tiny_model, tiny_
     model.train()
     model(**batch).last_hidden_state.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_a_loaded_adapter_is_frozen_unless_is_trainable(saved, is_trainable, tiny_batch):
+    """The file says inference_mode: true; as PEFT's from_pretrained, loading is for inference unless asked."""
+    base, model, directory = saved
+    assert json.loads((directory / "adapter_config.json").read_text())["inference_mode"] is True
+    loaded = peft_edu.load_adapter(copy.deepcopy(base), directory, is_trainable=is_trainable)
+    adapter = [p for n, p in loaded.named_parameters() if "lora_" in n]
+    assert adapter and all(p.requires_grad is is_trainable for p in adapter)
+    assert peft_edu.count_parameters(loaded)[0] == (sum(p.numel() for p in adapter) if is_trainable else 0)
+    assert loaded.peft_edu_config.inference_mode is not is_trainable
+    unloaded = peft_edu.unload(loaded)
+    assert all(p.requires_grad for p in unloaded.parameters())  # the base model's own flags come back
+    with pytest.raises(TypeError, match="is_trainable"):
+        peft_edu.load_adapter(copy.deepcopy(base), directory, is_trainable="yes")

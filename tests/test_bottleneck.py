@@ -282,7 +282,7 @@ def test_adapterhub_file_outputs_and_gradients(kind, config_id, tmp_path, tiny_m
     batch = tiny_batch(kind)
     assert (batch["attention_mask"] == 0).any()
     hub = hub_saved(base, {**ALL_CONFIGS, **POST_NORM_OPTIONS}[config_id][0](), tmp_path)
-    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True).eval()
     assert ours.peft_edu_config.task_type == ("SEQ_CLS" if kind.endswith("_cls") else None)
 
     grads_ours = assert_same_run(ours, hub, batch, base=base, named_theirs=hub_trainable).grads
@@ -564,7 +564,7 @@ def check_real_model(base, batch, hub_config, directory, std):
     hub = hub_model(base, hub_config)
     randomize_trainable(hub, std=std)
     hub.eval().save_adapter(str(directory), NAME)
-    ours = peft_edu.load_adapter(copy.deepcopy(base), directory).eval()
+    ours = peft_edu.load_adapter(copy.deepcopy(base), directory, is_trainable=True).eval()
     out_ours = forward(ours, batch)
     assert_close(out_ours, forward(hub, batch), rel=1e-5)
     assert not torch.allclose(out_ours, forward(base, batch), atol=1e-2)
@@ -611,7 +611,7 @@ def test_adapterhub_mam_outputs_and_gradients(kind, tmp_path, tiny_model, tiny_b
     base = mam_model(tiny_model, kind)
     batch = tiny_batch(kind)
     hub = hub_saved(base, hub_mam(flat=True), tmp_path)
-    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    ours = peft_edu.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True).eval()
     config = ours.peft_edu_config
     assert [type(c).__name__ for c in config.configs] == ["PrefixTuningConfig", "BnConfig"]
     assert config.task_type == {"bert": "FEATURE_EXTRACTION", "bert_cls": "SEQ_CLS", "llama": "CAUSAL_LM"}[kind]

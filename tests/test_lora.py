@@ -259,7 +259,7 @@ def test_peft_edu_round_trip_is_bit_exact(kind, config, tmp_path, tiny_model, ti
     base = tiny_model(kind)
     batch = tiny_batch(kind)
     ours = ours_saved(base, peft_edu.LoraConfig(**config), tmp_path, randomize_trainable)
-    again = peft_edu.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    again = peft_edu.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True).eval()
     assert sorted(again.peft_edu_config.target_modules) == sorted(ours.peft_edu_config.target_modules)
     state, state_again = ours.state_dict(), again.state_dict()
     assert state.keys() == state_again.keys()

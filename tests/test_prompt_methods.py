@@ -439,11 +439,12 @@ def test_peft_file_loads_in_peft_edu(kind, method, config, tmp_path, tiny_model,
     heads = [n for n, m in ours.named_modules() if isinstance(m, TrainedCopy)]
     assert heads == (["classifier"] if kind == "bert_cls" else [])
     if config.get("prefix_projection"):
-        # As PEFT's from_pretrained: the MLP is gone, P is a plain trainable table holding its output.
+        # As PEFT's from_pretrained: the MLP is gone, P is a plain table holding its output, frozen (inference
+        # mode; is_trainable=True would make it trainable).
         assert not hasattr(ours.prompt_encoder, "transform") and ours.peft_edu_config.prefix_projection
         assert ours.prompt_encoder.embedding.weight.shape == (N, 2 * ours.peft_edu_config.num_layers
                                                               * ours.peft_edu_config.token_dim)
-        assert ours.prompt_encoder.embedding.weight.requires_grad
+        assert not ours.prompt_encoder.embedding.weight.requires_grad
 
 
 @pytest.mark.parametrize("kind,method,config", FILE_CASES)
