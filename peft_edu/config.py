@@ -92,6 +92,9 @@ class PeftConfig:
                     isinstance(m, str) and m for m in self.modules_to_save):
                 raise ValueError(f"modules_to_save={self.modules_to_save!r}: a list of module names, e.g. ['classifier'].")
             self.modules_to_save = list(self.modules_to_save)
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"base_model_name_or_path={self.base_model_name_or_path!r}: a model name or path (a "
+                             "string), or None.")
         if not isinstance(self.inference_mode, bool):
             raise ValueError(f"inference_mode={self.inference_mode!r}: must be True or False.")
 

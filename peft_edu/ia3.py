@@ -86,7 +86,13 @@ class IA3Config(PeftConfig):
             if not all(isinstance(f, str) and f for f in ff):
                 raise ValueError(f"feedforward_modules={ff!r}: give a list of module names "
                                  '(e.g. ["output.dense"] or ["down_proj"]), [] for none, or one regular expression.')
-        elif ff is not None and not isinstance(ff, str):
+        elif isinstance(ff, str):
+            try:
+                re.compile(ff)
+            except re.error as error:
+                raise ValueError(f"feedforward_modules={ff!r} is read as a regular expression and is not a valid one "
+                                 f"({error}); give a list of names such as ['down_proj'], or a valid regex.") from None
+        elif ff is not None:
             raise TypeError(f"feedforward_modules must be a list of names or a regex string, not {type(ff).__name__}.")
         if self.fan_in_fan_out is not False:
             raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r}: only False (nn.Linear stores W as (out, in)); "

@@ -57,7 +57,8 @@ class LoraConfig(PeftConfig):
                 or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
             raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number, and finite (PEFT's default is 8).")
         require_bools(self, "use_rslora", "use_dora")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
+                or not 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be a probability in [0, 1); 0 turns dropout off.")
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r}: peft_edu implements only bias='none' (biases stay frozen).")

@@ -65,6 +65,8 @@ def _nothing_to_merge(config: PeftConfig, verb: str) -> None:
 
 def get_peft_model(model: nn.Module, config: PeftConfig) -> nn.Module:
     """Freeze ``model``, add the method described by ``config`` and return the (same) model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. a transformers model), not {type(model).__name__}.")
     if not isinstance(config, PeftConfig):
         raise TypeError(f"config must be a peft_edu config such as peft_edu.LoraConfig, not {type(config).__name__}.")
     if hasattr(model, "peft_edu_config"):
@@ -115,6 +117,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def print_trainable_parameters(model: nn.Module) -> None:
     """Print PEFT's line, e.g. ``trainable params: 73,728 || all params: 22,786,944 || trainable%: 0.3236``."""
     trainable, total = count_parameters(model)
+    if total == 0:
+        raise ValueError(f"{type(model).__name__} has no parameters, so there is no share to report.")
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 

@@ -31,11 +31,21 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
     (lambda: peft_edu.SeqBnConfig(scaling=math.nan), "scaling=nan: must be a finite number"),
     (lambda: peft_edu.SeqBnConfig(reduction_factor=math.inf), "reduction_factor=inf"),
     (lambda: peft_edu.LoraConfig(**LORA, inference_mode="yes"), "inference_mode='yes'"),
+    (lambda: peft_edu.LoraConfig(**LORA, lora_dropout=False), "lora_dropout=False: must be a probability"),
+    (lambda: peft_edu.LoraConfig(**LORA, base_model_name_or_path=3), "base_model_name_or_path=3"),
+    (lambda: peft_edu.IA3Config(target_modules=["key"], feedforward_modules="("), "feedforward_modules='\\('.*not a valid"),
 ], ids=["alpha-nan", "alpha-inf", "dora-string", "rslora-int", "modules_to_save-string", "bad-regex",
-        "bn-scaling-nan", "bn-reduction-inf", "inference-mode-string"])
+        "bn-scaling-nan", "bn-reduction-inf", "inference-mode-string", "dropout-bool", "name-int", "ia3-bad-regex"])
 def test_bad_config_values_are_refused_with_the_field_and_a_valid_value(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_public_functions_say_what_they_were_given():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module.*not str"):
+        peft_edu.get_peft_model("bert-base-uncased", peft_edu.LoraConfig(**LORA))
+    with pytest.raises(ValueError, match="has no parameters"):
+        peft_edu.print_trainable_parameters(torch.nn.Module())
 
 
 def test_a_config_edited_after_creation_is_checked_again(tiny_model, tiny_batch):
