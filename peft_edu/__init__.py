@@ -18,9 +18,11 @@ from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .registry import register_method
 from .model import (
     count_parameters,
+    disable_adapter,
     get_peft_model,
     load_adapter,
     merge,
+    merge_and_unload,
     print_trainable_parameters,
     save_adapter,
     unload,
@@ -32,4 +34,5 @@ __all__ = [
     "print_trainable_parameters", "save_adapter", "unload", "unmerge", "IA3Config", "IA3Linear",
     "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "MAMConfig", "BottleneckAdapter",
     "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding", "register_method",
+    "merge_and_unload", "disable_adapter",
 ]

@@ -68,6 +68,10 @@ class AdapterModule(nn.Module):
         """Take this module out of ``model`` and put back what it replaced."""
         raise NotImplementedError
 
+    def put_back(self, model: nn.Module, name: str) -> None:
+        """Undo ``remove`` (``disable_adapter`` takes every part out for a while); the default re-inserts this module."""
+        replace_module(model, name, self)
+
 
 class AdapterLayer(AdapterModule):
     """Base class of every wrapper a method puts around a layer of the model.

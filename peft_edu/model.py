@@ -11,6 +11,7 @@ are ``base_model.model.<module name>.<tensor>``, e.g.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -23,7 +24,8 @@ from torch import nn
 
 from .adapterhub import is_adapterhub_directory, read_adapterhub_directory
 from .config import CLASSIFIER_HEAD_NAMES, ConfigUnion, PeftConfig, load_config
-from .injection import adapter_layers, adapter_modules, matches, train_copies_of
+from .injection import (AdapterLayer, TrainedCopy, adapter_layers, adapter_modules, matches, replace_module,
+                        train_copies_of)
 from .registry import method_for
 from .virtual_tokens import PROMPT_EMBEDDINGS_KEY
 
@@ -123,7 +125,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 # --- merge / unmerge / unload -----------------------------------------------------------------
-def merge(model: nn.Module) -> None:
+def merge(model: nn.Module, safe_merge: bool = False) -> None:
     """Fold every adapter into its base weight (W₀ ← W₀ + ΔW); outputs stay the same.
 
     Merging a merged model is an error (it would add ΔW twice); ``unmerge`` undoes it, up to rounding: W₀ + ΔW − ΔW
@@ -140,7 +142,7 @@ def merge(model: nn.Module) -> None:
     done = []
     try:
         for name, layer in layers.items():
-            layer.merge()
+            _merge_layer(layer, safe_merge)
             done.append(layer)
     except Exception as error:
         for layer in reversed(done):
@@ -152,6 +154,25 @@ def merge(model: nn.Module) -> None:
         except Exception:
             wrapped = RuntimeError(message)
         raise wrapped from error
+
+
+def _merge_layer(layer: AdapterLayer, safe_merge: bool) -> None:
+    """``layer.merge()``; with ``safe_merge`` (PEFT's option) on a copy first: a NaN or inf in the merged weight
+    (a diverged adapter, or an overflow in float16) is refused and the weight kept as it was."""
+    if not safe_merge:
+        layer.merge()
+        return
+    frozen = [p.detach().clone() for p in layer.base_layer.parameters(recurse=False)]
+    layer.merge()
+    if all(torch.isfinite(p).all() for p in layer.base_layer.parameters(recurse=False)):
+        return
+    with torch.no_grad():
+        for param, before in zip(layer.base_layer.parameters(recurse=False), frozen):
+            param.copy_(before)
+    layer.merged = False
+    raise ValueError("safe_merge: the merged weight has NaN or infinite values (the adapter's weights are not "
+                     "finite, or W₀ + ΔW overflows its dtype); nothing of this layer was changed. Check the adapter "
+                     "for a diverged training run.")
 
 
 def unmerge(model: nn.Module) -> None:
@@ -178,6 +199,44 @@ def _refuse_shared_base_weights(model: nn.Module, layers: dict) -> None:
                     f"Cannot merge into {layer_name}: its weight is shared with {elsewhere[0]} (tied weights, e.g. "
                     "tie_word_embeddings=True), so merging would change that module too. Keep the adapter unmerged, "
                     "or untie the weights before get_peft_model (give the layer its own copy of the weight).")
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every adapter and give back the plain model with the merged weights (PEFT's ``merge_and_unload``).
+
+    Modules trained in full (the classification head, ``modules_to_save``) stay as trained. Methods that cannot be
+    merged (bottleneck adapters, virtual tokens) are refused before anything changes.
+    """
+    merge(model, safe_merge=safe_merge)
+    for name, module in list(adapter_modules(model).items()):
+        if isinstance(module, AdapterLayer):
+            replace_module(model, name, module.base_layer)  # the base layer now holds W₀ + ΔW
+        elif isinstance(module, TrainedCopy):
+            replace_module(model, name, module.modules_to_save)
+    for name, param in model.named_parameters():
+        param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
+    del model.peft_edu_config, model.peft_edu_requires_grad
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """``with peft_edu.disable_adapter(model):`` the model computes as the base model (PEFT's ``disable_adapter``):
+    every adapter part is taken out for the block (a merged adapter is unmerged) and put back afterwards."""
+    _peft_config(model)
+    was_merged = any(layer.merged for layer in adapter_layers(model).values())
+    if was_merged:
+        unmerge(model)
+    parts = list(adapter_modules(model).items())
+    for name, module in parts:
+        module.remove(model, name)
+    try:
+        yield model
+    finally:
+        for name, module in reversed(parts):
+            module.put_back(model, name)
+        if was_merged:
+            merge(model)
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -195,6 +195,9 @@ class BasePromptEncoder(AdapterModule):
     def remove(self, model: nn.Module, name: str) -> None:
         self.detach(model)
 
+    def put_back(self, model: nn.Module, name: str) -> None:
+        self.attach(model)
+
     def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:
         weight = self.embedding.weight
         if tensor.shape != weight.shape:

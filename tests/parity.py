@@ -33,8 +33,7 @@ from transformers import (
 )
 
 import peft_edu
-from peft_edu.bottleneck import ResidualTap
-from peft_edu.injection import TrainedCopy
+from peft_edu.injection import adapter_modules
 
 # --- tiny models and batches ----------------------------------------------------------------------
 VOCAB = 100
@@ -181,9 +180,9 @@ def layers_of(model, kind: type) -> dict[str, nn.Module]:
 
 
 def has_adapter_parts(model) -> bool:
-    """Whether any module that peft_edu puts into a model is there: an adapted layer or a trained copy of a head."""
-    parts = (peft_edu.LoraLinear, peft_edu.IA3Linear, peft_edu.BottleneckAdapter, ResidualTap, TrainedCopy)
-    return any(isinstance(m, parts) for m in model.modules())
+    """Whether any module that peft_edu puts into a model is there: an adapted layer, a trained copy of a head, a
+    prompt encoder (every ``AdapterModule``, whatever its method)."""
+    return bool(adapter_modules(model))
 
 
 # --- running and comparing -------------------------------------------------------------------------
