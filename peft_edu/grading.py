@@ -1,30 +1,31 @@
 """Grade a folder of submitted notebooks: run each one in a sandbox, judge its answers outside it.
 
     python -m peft_edu.grading notebooks/lora.ipynb SUBMISSIONS/ --out grading/
-    (or: make grade CHAPTER=lora SUBMISSIONS=SUBMISSIONS/)
+    (or: make grade CHAPTER=lora SUBMISSIONS=SUBMISSIONS/; as root)
 
-writes ``grading/gradebook.csv`` (student, question, points, max_points) and one
-``grading/feedback/<student>.md`` per submission. The questions, their points and the check each
-one uses are read from the chapter's otter master notebook.
+writes ``grading/gradebook.csv`` (student, question, points, max_points), one row per submission and question,
+written and synced as each submission is graded, and one ``grading/feedback/<student>.md`` per submission
+(``<student>`` is the file's path in the folder, percent-encoded: ``a/b.ipynb`` gives ``a%2Fb.md``). The
+questions, their points and the check each one uses are read from the chapter's otter master notebook.
 
 Why not grade inside the submission, as ``otter run`` does? There the tests run in the same Python
 process as the submission, which can therefore rewrite them, patch the checks or forge the results
 file before they are read, and reach anything the grader can. Here the work is split:
 
-1. **run** (untrusted, in a bubblewrap sandbox): the submission's code cells are executed (the
-   chapter's experiments, tagged ``otter_ignore``, are skipped), then each exercise's *probe* calls
-   the learner's function or class on inputs drawn by the grader and saves what came back, as
-   safetensors and JSON (data only, never pickle). The sandbox has no network, a read-only view of
-   the machine (its only writable folder is its own scratch folder, which is also its HOME and
-   TMPDIR), no access to the submissions folder or the gradebook, no
-   capabilities, a per-cell and a per-notebook time limit, a memory limit and a cap on the output
-   it keeps;
-2. **judge** (trusted, in this process): each exercise's *judge* compares those values with the
-   reference computed here. The hidden case of every question uses a seed drawn afresh for each
-   submission, so its inputs cannot be known, or fitted, in advance.
+1. **run** (untrusted, in the sandbox of ``peft_edu.sandbox``): the grader reads the submission (a regular
+   file of at most 20 MiB, never a link), checks that it is a notebook and hands its code cells to the
+   sandbox (the chapter's experiments, tagged ``otter_ignore``, are skipped). There they are executed, then
+   each exercise's *probe* calls the learner's function or class on inputs drawn by the grader and sends
+   back what came back, as one message of JSON and safetensors (data only, never pickle) on a pipe. The
+   sandbox runs as the user nobody, sees a read-only whitelist of the machine (not the master notebooks, the
+   autograder zips, other submissions or the gradebook), has no network, a clean environment, and limits
+   the kernel enforces on its memory, processes, disk, time and output;
+2. **judge** (trusted, in this process): the message is validated, then each exercise's *judge* compares
+   its values with the reference computed here. The hidden case of every question uses a seed drawn afresh
+   for each submission, so its inputs cannot be known, or fitted, in advance.
 
-What this does not guarantee: the sandbox can read what the machine's users can read (the course,
-including the published solutions); an answer that calls the course's own reference code gets the
+What this does not guarantee: the sandbox can read the course package ``peft_edu`` (with its reference
+code and checks) and the Python environment; an answer that calls the course's own reference code gets the
 points; and code that finds the probe's inputs at call time computes on them like any answer.
 """
 
@@ -32,28 +33,31 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import re
 import secrets
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
+from . import sandbox
 from .checks import EXERCISES, CheckFailed
+from .sandbox import Limits
 
 CELL_TIMEOUT_S = 60          # one cell, or one probe
 NOTEBOOK_TIMEOUT_S = 600     # the whole submission
-MEMORY_LIMIT = "12G"         # address space of the sandboxed process
-LOG_LIMIT_BYTES = 200_000    # what is kept of what a submission prints
+MEMORY_LIMIT = Limits.memory      # the whole sandbox (and each process's address space)
+PROCESS_LIMIT = Limits.processes  # tasks in the sandbox at once
+DISK_LIMIT = Limits.disk          # its writable /tmp
+LOG_LIMIT_BYTES = Limits.log_bytes  # what is kept of what a submission prints
+SUBMISSION_LIMIT_BYTES = 20 * 2**20  # the grader parses it: bounded
 OTTER_CELL = re.compile(r"^\s*(grader\s*=\s*otter\.Notebook|grader\.check|import otter)", re.M)
 
 
@@ -84,36 +88,25 @@ def questions_of(master: Path) -> list[Question]:
     return questions
 
 
-# --- data across the sandbox boundary: safetensors for tensors, JSON for the rest ---------------
-def save_data(data: dict, directory: Path, stem: str) -> None:
-    tensors = {}
-
-    def encode(value):
-        if isinstance(value, torch.Tensor):
-            key = f"t{len(tensors)}"
-            tensors[key] = value.detach().cpu().contiguous()
-            return {"__tensor__": key}
-        if isinstance(value, dict):
-            return {str(k): encode(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [encode(v) for v in value]
-        return value
-
-    (directory / f"{stem}.json").write_text(json.dumps(encode(data)))
-    save_file(tensors, str(directory / f"{stem}.safetensors"))
-
-
-def load_data(directory: Path, stem: str) -> dict:
-    tensors = load_file(str(directory / f"{stem}.safetensors"))
-
-    def decode(value):
-        if isinstance(value, dict):
-            return tensors[value["__tensor__"]] if set(value) == {"__tensor__"} else {k: decode(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [decode(v) for v in value]
-        return value
-
-    return decode(json.loads((directory / f"{stem}.json").read_text()))
+def code_cells(raw: bytes) -> list[list]:
+    """The code cells the sandbox runs, ``[[index, source], ...]``; ``ValueError`` if ``raw`` is not a notebook."""
+    notebook = json.loads(raw.decode("utf-8"))
+    if not isinstance(notebook, dict) or not isinstance(notebook.get("cells"), list):
+        raise ValueError("it has no list of cells")
+    cells = []
+    for index, cell in enumerate(notebook["cells"]):
+        if not isinstance(cell, dict):
+            raise ValueError(f"cell {index} is not a cell")
+        source = cell.get("source", "")
+        if isinstance(source, list) and all(isinstance(line, str) for line in source):
+            source = "".join(source)
+        metadata = cell.get("metadata")
+        tags = metadata.get("tags") if isinstance(metadata, dict) else None
+        if not isinstance(source, str) or not isinstance(tags, (list, type(None))):
+            raise ValueError(f"cell {index} is malformed")
+        if cell.get("cell_type") == "code" and "otter_ignore" not in (tags or []) and not OTTER_CELL.search(source):
+            cells.append([index, source])
+    return cells
 
 
 # --- inside the sandbox -------------------------------------------------------------------------
@@ -122,20 +115,30 @@ class _Timeout(BaseException):
 
 
 class _CappedLog:
-    """A text stream that keeps the first ``limit`` bytes and counts the rest."""
+    """A text stream onto a file descriptor, unbuffered (a notebook killed at its time limit loses nothing it
+    printed), that passes on the first ``limit`` characters and counts the rest."""
 
-    def __init__(self, path: Path, limit: int):
-        self.file, self.left, self.dropped = open(path, "w", encoding="utf-8", errors="replace"), limit, 0
+    def __init__(self, fd: int, limit: int):
+        self.fd, self.left, self.dropped = fd, limit, 0
 
     def write(self, text: str) -> int:
+        text = str(text)
         kept = text[: max(self.left, 0)]
-        self.file.write(kept)
         self.left -= len(kept)
         self.dropped += len(text) - len(kept)
+        self.send(kept)
         return len(text)
 
+    def send(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8", "replace"))
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:  # the learner closed or replaced the descriptor: their output is lost, not the grading
+            pass
+
     def flush(self) -> None:
-        self.file.flush()
+        pass
 
     def isatty(self) -> bool:
         return False
@@ -153,162 +156,223 @@ def _with_alarm(seconds: float, fn, *args):
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def run_submission(inputs: Path, outputs: Path) -> None:
-    """Execute ``inputs/submission.ipynb`` and probe its answers (the sandboxed half).
+def run_submission(in_fd: int, out_fd: int) -> None:
+    """Execute the cells of the plan read from ``in_fd`` and probe the answers (the sandboxed half).
 
-    ``inputs`` (the plan, the notebook, the requests) is read-only in the sandbox; ``outputs`` gets
-    the log and, at the very end, the observations.
+    The plan, its cells and the requests are one message (``sandbox.pack``) on ``in_fd``; the observations go
+    back as one message on ``out_fd``. Then the process ends at once (``os._exit``): no thread of the learner's
+    can hold it up.
     """
     from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
 
-    plan = json.loads((inputs / "plan.json").read_text())
-    log = _CappedLog(outputs / "log.txt", LOG_LIMIT_BYTES)
+    raw, offset = bytearray(), 0
+    while chunk := os.pread(in_fd, 1 << 20, offset):
+        raw += chunk
+        offset += len(chunk)
+    os.close(in_fd)
+    data = sandbox.unpack(bytes(raw), len(raw), json_limit=None)
+    plan, requests = data["plan"], data["requests"]
+    log = _CappedLog(1, plan["log_limit"])
     sys.stdout = sys.stderr = log
-    shell = InteractiveShell.instance(colors="NoColor")
-    notebook = json.loads((inputs / "submission.ipynb").read_text())
-    for index, cell in enumerate(notebook["cells"]):
-        source = "".join(cell.get("source", ""))
-        if (cell.get("cell_type") != "code" or "otter_ignore" in cell.get("metadata", {}).get("tags", [])
-                or OTTER_CELL.search(source)):
-            continue
-        print(f"--- cell {index}")
+    note = lambda text: log.send(text + "\n")  # noqa: E731 - the runner's own lines, past the learner's cap
+    note(f"--- sandbox ready (uid {os.getuid()})")
+    config = Config()
+    config.HistoryManager.enabled = False  # no sqlite file: a full /tmp costs the learner nothing but their files
+    shell = InteractiveShell.instance(colors="NoColor", config=config)
+    for index, source in plan["cells"]:
+        note(f"--- cell {index}")
         try:
             _with_alarm(plan["cell_timeout"], shell.run_cell, source, False, True)
         except _Timeout as stop:  # the alarm rang outside the learner's code; carry on
-            print(f"cell {index} {stop}")
-    namespace, results = shell.user_ns, {}
+            note(f"cell {index} {stop}")
+    namespace, results, errors = shell.user_ns, {}, {}
+    share = sandbox.RESULT_JSON_BYTES // (len(plan["cases"]) + 1)
     for case in plan["cases"]:
-        exercise = EXERCISES[case["check"]]
-        request = load_data(inputs / "requests", case["id"])
         try:
-            results[case["id"]] = _with_alarm(plan["cell_timeout"], exercise.probe, namespace.get(case["answer"]), request)
+            observed = _with_alarm(plan["cell_timeout"], EXERCISES[case["check"]].probe,
+                                   namespace.get(case["answer"]), requests[case["id"]])
+            if sandbox.json_size(sandbox.pack(observed)) > share:  # what cannot be sent is not sent (nor a huge int)
+                raise ValueError("the answer's values are too large to send back")
+            results[case["id"]] = observed
         except BaseException as error:  # the probe itself was stopped (a learner's loop, or a crash)
-            print(f"probe {case['id']}: {type(error).__name__}: {error}")
-    # Written only now, after the learner's last call, into a folder made afresh: nothing the
-    # submission planted there earlier survives.
-    shutil.rmtree(outputs / "observations", ignore_errors=True)
-    (outputs / "observations").mkdir()
-    for case_id, observed in results.items():
-        save_data(observed, outputs / "observations", case_id)
-    print(f"--- done ({log.dropped} characters of output were not kept)")
-    log.flush()
+            errors[case["id"]] = f"{type(error).__name__}: {error}"[:300]
+            note(f"probe {case['id']}: {errors[case['id']]}")
+    try:
+        message = memoryview(sandbox.pack({"observations": results, "errors": errors}))
+        while message:
+            message = message[os.write(out_fd, message):]
+        os.close(out_fd)
+    except BaseException as error:
+        note(f"the results could not be sent: {type(error).__name__}: {error}")
+    log.send(f"--- done ({log.dropped} characters of output were not kept)\n")
+    os._exit(0)
 
 
-# --- outside: the sandbox, the judge, the gradebook ---------------------------------------------
-def sandbox_command(inputs: Path, outputs: Path, hidden: list[Path], timeout_s: int) -> list[str]:
-    """bubblewrap: read-only machine, ``hidden`` folders masked, only ``outputs`` writable (and used as
-    HOME and TMPDIR), no network, no capabilities, an unprivileged user.
-
-    The machine's /tmp stays visible (read-only): the course itself may live there, as in a CI clone.
-    """
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        raise RuntimeError("Grading needs bubblewrap for its sandbox: install it with `apt-get install bubblewrap`.")
-    masks = [arg for folder in hidden for arg in ("--tmpfs", str(folder.resolve()))]
-    return ["timeout", "--kill-after=5", str(timeout_s), "prlimit", f"--as={_bytes(MEMORY_LIMIT)}", "--",
-            bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *masks,
-            "--ro-bind", str(inputs), str(inputs), "--bind", str(outputs), str(outputs), "--chdir", str(outputs),
-            "--unshare-all", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
-            "--die-with-parent", "--new-session",
-            "--setenv", "HOME", str(outputs), "--setenv", "TMPDIR", str(outputs),
-            "--setenv", "MPLBACKEND", "Agg", "--setenv", "HF_HUB_OFFLINE", "1",
-            "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-            sys.executable, "-m", "peft_edu.grading", "--run-submission", str(inputs), str(outputs)]
+BOOT = "import sys; sys.path.insert(0, {!r}); from peft_edu.grading import main; main(['--run-submission', *sys.argv[1:]])"
 
 
-def _bytes(size: str) -> int:
-    units = {"K": 2**10, "M": 2**20, "G": 2**30}
-    return int(float(size[:-1]) * units[size[-1]]) if size[-1] in units else int(size)
+# --- outside: the judge, the feedback, the gradebook --------------------------------------------
+def _printable(text: str) -> str:
+    """``text`` without control characters (a log or a file name cannot drive the reader's terminal)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]", "\ufffd", text)
 
 
-def grade_one(path: Path, questions: list[Question], hidden: list[Path], timeout_s: int = NOTEBOOK_TIMEOUT_S,
-              cell_timeout_s: int = CELL_TIMEOUT_S) -> tuple[dict, str]:
+def grade_one(path: Path, questions: list[Question], timeout_s: int = NOTEBOOK_TIMEOUT_S,
+              cell_timeout_s: int = CELL_TIMEOUT_S, limits: Limits | None = None,
+              hidden: list[Path] = ()) -> tuple[dict, str]:
     """Grade one submission: ({question: points}, feedback in Markdown)."""
+    limits = limits or Limits()
     scores = {q.name: 0.0 for q in questions}
     try:
-        notebook = json.loads(path.read_text())
-        if not isinstance(notebook.get("cells"), list):
-            raise ValueError("it has no list of cells")
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        print(f"{path}: not a readable notebook ({error}); graded 0", flush=True)
-        return scores, f"**This file could not be read as a notebook** ({error}); no question could be graded.\n"
-    workdir = Path(tempfile.mkdtemp(prefix="peft_edu-grade-"))
-    inputs, outputs = workdir / "in", workdir / "out"
-    try:
-        for folder in (inputs, inputs / "requests", outputs):
-            folder.mkdir()
-            os.chmod(folder, 0o755)
-        os.chmod(workdir, 0o755)
-        os.chmod(outputs, 0o777)  # the sandbox runs as an unprivileged user and may write only here
-        (inputs / "submission.ipynb").write_text(json.dumps(notebook))
-        cases, requests = [], {}
-        for q in questions:
-            for label, seed in (("public", 0), ("hidden", secrets.randbelow(2**31))):
-                case_id = f"{q.name}-{label}"
-                requests[case_id] = EXERCISES[q.check].request(seed)
-                save_data(requests[case_id], inputs / "requests", case_id)
-                cases.append({"id": case_id, "check": q.check, "answer": q.answer})
-        (inputs / "plan.json").write_text(json.dumps({"cases": cases, "cell_timeout": cell_timeout_s}))
-        run = subprocess.run(sandbox_command(inputs, outputs, hidden, timeout_s), stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lines = []
-        for q in questions:
-            for label in ("public", "hidden"):
-                case_id = f"{q.name}-{label}"
-                worth = q.points / 2
-                try:
-                    observed = load_data(outputs / "observations", case_id)
-                    EXERCISES[q.check].judge(requests[case_id], observed)
-                except FileNotFoundError:
-                    verdict = ("no answer was recorded: the notebook stopped (time limit, memory limit or crash) "
-                               "before this exercise could be checked")
-                except CheckFailed as failure:
-                    verdict = str(failure)
-                except Exception as error:  # malformed observations: the submission's fault, never ours to crash on
-                    verdict = f"the answer could not be checked ({type(error).__name__})"
-                else:
-                    scores[q.name] += worth
-                    verdict = "passed"
-                lines.append(f"- **{q.name}**, {label} test ({worth:g} point{'' if worth == 1 else 's'}): {verdict}")
-        if run.returncode != 0:
-            lines.append(f"\nThe run ended with exit status {run.returncode}"
-                         + (" (the time limit of the notebook)" if run.returncode in (124, 137) else "") + ".")
-        log = (outputs / "log.txt").read_text(errors="replace") if (outputs / "log.txt").exists() else ""
-        feedback = "\n".join(lines) + "\n\n<details><summary>What the notebook printed (end)</summary>\n\n```\n" \
-            + log[-3000:] + "\n```\n</details>\n"
-        return scores, feedback
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        cells = code_cells(sandbox.read_regular_file(path, SUBMISSION_LIMIT_BYTES))
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = _printable(str(error))[:300]
+        print(f"{_printable(str(path))}: not a readable notebook ({reason}); graded 0", flush=True)
+        return scores, f"**This file could not be read as a notebook** ({reason}); no question could be graded.\n"
+    cases, requests = [], {}
+    for q in questions:
+        for label, seed in (("public", 0), ("hidden", secrets.randbelow(2**31))):
+            case_id = f"{q.name}-{label}"
+            requests[case_id] = EXERCISES[q.check].request(seed)
+            cases.append({"id": case_id, "check": q.check, "answer": q.answer})
+    plan = {"cells": cells, "cases": cases, "cell_timeout": cell_timeout_s, "log_limit": limits.log_bytes}
+    boot = BOOT.format(str(Path(__file__).resolve().parents[1]))
+    run = sandbox.run_python(boot, sandbox.pack({"plan": plan, "requests": requests}), limits, timeout_s, hidden)
+    observations, errors, problem = {}, {}, None
+    if run.message_overflow:
+        problem = f"its results were larger than {limits.message_bytes // 2**20} MiB"
+    elif run.message is not None:
+        try:
+            message = sandbox.unpack(run.message, limits.message_bytes)
+            observations, errors = message["observations"], message.get("errors", {})
+            if not isinstance(observations, dict) or not isinstance(errors, dict):
+                raise sandbox.BadMessage("no observations")
+        except (sandbox.BadMessage, KeyError) as error:
+            observations, errors, problem = {}, {}, f"its results could not be read ({error})"
+    lines = []
+    for q in questions:
+        for label in ("public", "hidden"):
+            case_id, worth = f"{q.name}-{label}", q.points / 2
+            observed = observations.get(case_id)
+            try:
+                if observed is None:
+                    raise LookupError
+                EXERCISES[q.check].judge(requests[case_id], observed)
+            except LookupError:
+                stopped = errors.get(case_id)
+                verdict = problem or (f"checking your answer was stopped ({_printable(stopped)[:300]})"
+                                      if isinstance(stopped, str) else
+                                      "no answer was recorded: the notebook stopped (time limit, memory limit or "
+                                      "crash) before this exercise could be checked")
+            except CheckFailed as failure:  # its message may quote the learner's text (a repr, an error)
+                verdict = _printable(str(failure))[:1000]
+            except Exception as error:  # malformed observations: the submission's fault, never ours to crash on
+                verdict = f"the answer could not be checked ({type(error).__name__})"
+            else:
+                scores[q.name] += worth
+                verdict = "passed"
+            lines.append(f"- **{q.name}**, {label} test ({worth:g} point{'' if worth == 1 else 's'}): {verdict}")
+    lines.append("")
+    usage = run.usage
+    if run.timed_out:
+        lines.append(f"The notebook was stopped at its time limit of {timeout_s:g} s.")
+    elif run.returncode:
+        lines.append(f"The run ended with exit status {run.returncode}.")
+    if usage.get("oom_kills"):
+        lines.append(f"The memory limit ({sandbox.human(limits.memory)}) was reached: the kernel stopped "
+                     f"{usage['oom_kills']} process(es).")
+    if usage.get("refused_tasks"):
+        lines.append(f"The process limit ({limits.processes}) refused {usage['refused_tasks']} new process(es) or thread(s).")
+    text = _printable(run.log.decode("utf-8", "replace"))
+    if run.message is None and b"--- sandbox ready" not in run.log_head and not run.timed_out:
+        print(f"WARNING: the sandbox could not start Python for {_printable(str(path))}: a problem of this machine "
+              f"(see its feedback), not of the notebook.", file=sys.stderr, flush=True)
+        lines.append("**The sandbox could not start** (a problem of the grading machine, not of this notebook).")
+    peak = f", peak memory {usage['peak_memory'] / 2**20:.0f} MiB" if usage.get("peak_memory") else ""
+    lines.append(f"Limits: {run.limits}, {cell_timeout_s:g} s per cell; this run took {run.seconds:.0f} s{peak}.")
+    tail = text[-3000:]
+    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", tail)), default=0))
+    dropped = run.log_total - len(run.log)
+    note = f" ({dropped} earlier bytes not kept)" if dropped > 0 else ""
+    feedback = "\n".join(lines) + f"\n\n<details><summary>What the notebook printed (end){note}</summary>\n\n{fence}\n" \
+        + tail + f"\n{fence}\n</details>\n"
+    return scores, feedback
+
+
+def submissions_in(folder: Path) -> list[Path]:
+    """Every entry named ``*.ipynb`` under ``folder`` that is not a folder (links and odd files too: they get a row)."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name != ".ipynb_checkpoints":
+                    found += submissions_in(Path(entry.path))
+            elif entry.name.endswith(".ipynb"):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def feedback_name(student: str) -> str:
+    """A file name for ``student`` (a relative path) that no other student's can collide with."""
+    name = quote(os.fsencode(student), safe="")
+    if len(name) > 200:
+        name = f"{name[:150]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return f"{name}.md"
+
+
+def _sync(file) -> None:
+    file.flush()
+    os.fsync(file.fileno())
 
 
 def grade_folder(master: Path, submissions: Path, out: Path, timeout_s: int = NOTEBOOK_TIMEOUT_S,
-                 cell_timeout_s: int = CELL_TIMEOUT_S) -> list[dict]:
-    """Grade every ``*.ipynb`` under ``submissions``; write the gradebook and feedback into ``out``."""
+                 cell_timeout_s: int = CELL_TIMEOUT_S, limits: Limits | None = None) -> list[dict]:
+    """Grade every ``*.ipynb`` under ``submissions``; write the gradebook (row by row) and feedback into ``out``."""
     questions = questions_of(master)
-    paths = sorted(p for p in Path(submissions).rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    most = sum(q.points for q in questions)
+    sandbox.check_available()
+    submissions, out = Path(submissions), Path(out)
+    paths = submissions_in(submissions)
     if not paths:
         raise FileNotFoundError(f"No .ipynb file under {submissions}.")
+    repository = Path(__file__).resolve().parents[1]
+    hidden = [submissions, out, Path(master).resolve().parent,
+              *(repository / name for name in ("notebooks", "_build", "grading", "exercises", ".git", "tests"))]
     (out / "feedback").mkdir(parents=True, exist_ok=True)
     rows = []
-    for path in paths:
-        student = path.relative_to(submissions).with_suffix("").as_posix()
-        scores, feedback = grade_one(path, questions, [Path(submissions), out], timeout_s, cell_timeout_s)
-        total, most = sum(scores.values()), sum(q.points for q in questions)
-        feedback_path = out / "feedback" / f"{student.replace('/', '__')}.md"
-        feedback_path.write_text(f"# {student}: {total:g} / {most:g} points\n\n{feedback}")
-        rows += [{"student": student, "question": q.name, "points": scores[q.name], "max_points": q.points}
-                 for q in questions]
-        print(f"{student}: {total:g} / {most:g}", flush=True)
-    with open(out / "gradebook.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["student", "question", "points", "max_points"])
+    with open(out / "gradebook.csv", "w", newline="", encoding="utf-8", errors="backslashreplace") as book:
+        writer = csv.DictWriter(book, fieldnames=["student", "question", "points", "max_points"])
         writer.writeheader()
-        writer.writerows(rows)
+        _sync(book)
+        for path in paths:
+            student = path.relative_to(submissions).as_posix()[:-len(".ipynb")]
+            try:
+                scores, feedback = grade_one(path, questions, timeout_s, cell_timeout_s, limits, hidden)
+            except Exception as error:  # the grader's own fault: say so, and still give the submission its row
+                traceback.print_exc()
+                scores = {q.name: 0.0 for q in questions}
+                feedback = (f"**The grader failed on this submission** ({type(error).__name__}: {error}); it got no "
+                            "points. Tell the instructor: it must be graded again.\n")
+            total = sum(scores.values())
+            target = out / "feedback" / feedback_name(student)
+            partial = target.with_name(f".{target.name}.partial")
+            with open(partial, "w", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(f"# {_printable(student)}: {total:g} / {most:g} points\n\n{feedback}")
+                _sync(f)
+            os.replace(partial, target)
+            new = [{"student": student, "question": q.name, "points": scores[q.name], "max_points": q.points}
+                   for q in questions]
+            writer.writerows(new)
+            _sync(book)
+            rows += new
+            print(f"{_printable(student)}: {total:g} / {most:g}", flush=True)
     return rows
-
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--run-submission"]:
-        run_submission(Path(argv[1]), Path(argv[2]))
+        run_submission(int(argv[1]), int(argv[2]))
         return 0
     parser = argparse.ArgumentParser(prog="python -m peft_edu.grading", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

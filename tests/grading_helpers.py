@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from peft_edu import sandbox
 from peft_edu.grading import grade_folder, questions_of
 
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                 reason="grading needs bubblewrap (make setup installs it: apt-get install bubblewrap)")
+
+def _missing() -> str | None:
+    try:
+        sandbox.check_available()
+    except RuntimeError as missing:
+        return str(missing)
+    return None
+
+
+# The sandbox needs root (it runs submissions as nobody, in a cgroup of their own), bubblewrap and util-linux.
+needs_sandbox = pytest.mark.skipif(_missing() is not None, reason=f"grading's sandbox cannot run here: {_missing()}")
+needs_bwrap = needs_sandbox  # its former name
 
 
 def submission(master_path: Path, answers: dict[str, str], before: list[str] = (), after: list[str] = ()) -> nbformat.NotebookNode:
