@@ -49,6 +49,13 @@ PEFT writes base(x) + (g − 1) ⊙ W₀x̃ + g ⊙ s·BAx̃ in both cases. The 
 keeps one (tokens × d_out) tensor for backward (u) instead of two (W₀x̃ and BAx̃), and without
 dropout no term is cancelled against another, however far g is from 1. (PEFT's form returns base(x)
 bit for bit at initialisation; this one returns W₀x + b within rounding.)
+
+**The magnitude's gradient without a second copy.** ∂L/∂m needs u (∂h/∂mᵢ = uᵢ / ‖W‖ᵢ), a
+(tokens × d_out) tensor, the one thing DoRA keeps for backward beyond what LoRA keeps. Without
+dropout, ``ScaleByMagnitude`` keeps the layer's output h instead and recovers u = (h − b) / g in
+backward: the operation that reads h next (attention's matmul for queries, keys and values; the
+activation or the gating product in an MLP) usually keeps h for its own backward, so it is then
+stored once, not twice. (Where g = 0 for some feature u cannot be recovered, and u is kept.)
 """
 
 from __future__ import annotations
@@ -58,6 +65,40 @@ from torch import nn
 from torch.nn import functional as F
 
 from .lora import LoraLinear, register_lora_variant
+
+
+class ScaleByMagnitude(torch.autograd.Function):
+    """h = g ⊙ u + b with g = m / ‖W‖ (the norm a constant), keeping h instead of u for backward.
+
+    Autograd would keep u to compute ∂L/∂m = Σ_tokens (∂L/∂h ⊙ u) / ‖W‖. Here u is recovered in backward as
+    (h − b) / g; h is the output, which the next operation usually keeps anyway (see the module docstring).
+    """
+
+    @staticmethod
+    def forward(ctx, u, magnitude, norm, bias):
+        g = magnitude / norm
+        out = g * u
+        if bias is not None:
+            out = out + bias
+        recoverable = bool((g != 0).all())
+        ctx.recoverable, ctx.dtypes = recoverable, (u.dtype, magnitude.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(out if recoverable else u, g, norm, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept, g, norm, bias = ctx.saved_tensors
+        grad_u = grad_m = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_u = grad_out * g
+        if ctx.needs_input_grad[1]:
+            u = kept if not ctx.recoverable else (kept if bias is None else kept - bias) / g
+            grad_m = (grad_out * u).reshape(-1, u.shape[-1]).sum(dim=0) / norm
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
+        u_dtype, m_dtype, bias_dtype = ctx.dtypes  # mixed precision: each gradient in its input's dtype
+        return (None if grad_u is None else grad_u.to(u_dtype), None if grad_m is None else grad_m.to(m_dtype),
+                None, None if grad_bias is None else grad_bias.to(bias_dtype))
 
 
 class DoraLinear(LoraLinear):
@@ -115,9 +156,9 @@ class DoraLinear(LoraLinear):
             self.refuse_training_while_merged()
             return self.base_layer(x)
         weight, bias = self.base_weight(), self.base_bias()
-        g = self.lora_magnitude_vector / self.weight_norm()  # the norm is a constant (no_grad)
         x_lora = x.to(self.lora_A.weight.dtype)
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            g = self.lora_magnitude_vector / self.weight_norm()  # the norm is a constant (no_grad)
             # As PEFT: the base output keeps the full x; the DoRA part sees dropout(x), W₀ included.
             result = self.base_layer(x)
             x_lora = self.lora_dropout(x_lora)
@@ -125,8 +166,7 @@ class DoraLinear(LoraLinear):
             u = base_part + self.lora_B(self.lora_A(x_lora)) * self.scaling
             return result + (g * u - base_part).to(result.dtype)
         u = F.linear(x_lora, weight.to(x_lora.dtype)) + self.lora_B(self.lora_A(x_lora)) * self.scaling
-        out = g * u
-        return out if bias is None else out + bias
+        return ScaleByMagnitude.apply(u, self.lora_magnitude_vector, self.weight_norm(), bias)  # g ⊙ u + b
 
     # --- merge / unmerge --------------------------------------------------------------------------
     @torch.no_grad()
