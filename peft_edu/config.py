@@ -199,13 +199,6 @@ def config_class(peft_type) -> type[PeftConfig]:
 # bookkeeping, and settings of options that are off.
 _PEFT_INERT_KEYS = {"peft_type", "peft_version", "revision", "auto_mapping", "megatron_core", "qalora_group_size"}
 
-# Keys that are inert at some values only. init_lora_weights True / False / "gaussian" only decide how fresh
-# weights are drawn, which loading overwrites; "pissa", "olora", "loftq", "corda", "eva" also change the base
-# weights (PEFT redoes that change when it loads such an adapter), so the file's A and B mean something else on
-# an unchanged base: loading them as plain LoRA would compute a different function.
-_INERT_AT = {"init_lora_weights": (True, False, "gaussian")}
-
-
 def config_from_peft_dict(d: dict, source: str = "adapter_config.json") -> PeftConfig:
     """Build our config from the contents of a PEFT ``adapter_config.json``.
 
@@ -222,19 +215,12 @@ def config_from_peft_dict(d: dict, source: str = "adapter_config.json") -> PeftC
     for key, value in d.items():
         if key in known:
             kwargs[key] = value
-        elif key in _INERT_AT:
-            if not any(value is v or (isinstance(v, str) and value == v) for v in _INERT_AT[key]):
-                unsupported.append(f"{key}={value!r}")
         elif key not in _PEFT_INERT_KEYS and value not in (None, False, {}, []):
             unsupported.append(f"{key}={value!r}")
     if unsupported:
         raise ValueError(
             f"{source} sets options peft_edu does not implement: {', '.join(unsupported)}. "
-            f"Supported fields for {peft_type}: {sorted(known)}"
-            + ("; init_lora_weights only True, False or 'gaussian' (PiSSA, OLoRA, LoftQ, CorDA and EVA change the "
-               "base weights: convert such an adapter to plain LoRA with PEFT's save_pretrained("
-               "path_initial_model_for_weight_conversion=...) first)." if any(u.startswith("init_lora_weights")
-                                                                             for u in unsupported) else ".")
+            f"Supported fields for {peft_type}: {sorted(known)}."
         )
     try:
         return cls(**kwargs)

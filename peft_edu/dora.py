@@ -105,8 +105,9 @@ class DoraLinear(LoraLinear):
     """``LoraLinear`` whose update is rescaled per output feature to a trainable magnitude (see module docstring)."""
 
     def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False):
-        super().__init__(base_layer, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+                 use_rslora: bool = False, init_lora_weights: bool | str = True):
+        super().__init__(base_layer, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                         init_lora_weights=init_lora_weights)
         self._base_norm_cache: tuple | None = None  # (fingerprint of W₀, ‖wᵢ‖² per row); not saved
         self._merge_factor: torch.Tensor | None = None  # the g that merge multiplied W₀ by
         # m = ‖W₀ + s·BA‖ (= ‖W₀‖ while B = 0), in the dtype of W₀ as PEFT stores it.

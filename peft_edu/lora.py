@@ -34,6 +34,9 @@ class LoraConfig(PeftConfig):
         with ``use_rslora=True``, arXiv 2312.03732) multiplies BA.
     lora_dropout: dropout applied to x on the LoRA path only, in [0, 1).
     use_dora: weight-decomposed LoRA (arXiv 2402.09353), see ``peft_edu.dora``.
+    init_lora_weights: True (A kaiming-uniform, B = 0: ΔW = 0, PEFT's default), "gaussian" (A ~ N(0, 1/r²),
+        B = 0) or False (A and B both random: the model does not start as the base model; for tests).
+        PEFT's initialisations that also change W₀ (PiSSA, OLoRA, LoftQ, CorDA, EVA) are not implemented.
     bias: only "none" (biases stay frozen), PEFT's default.
     """
 
@@ -43,6 +46,7 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = False
     use_dora: bool = False
     bias: str = "none"
+    init_lora_weights: bool | str = True
 
     peft_type = "LORA"
 
@@ -57,6 +61,12 @@ class LoraConfig(PeftConfig):
                 or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
             raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number, and finite (PEFT's default is 8).")
         require_bools(self, "use_rslora", "use_dora")
+        if not (self.init_lora_weights is True or self.init_lora_weights is False or self.init_lora_weights == "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r}: peft_edu implements True, False and 'gaussian'. PiSSA, "
+                "OLoRA, LoftQ, CorDA and EVA also change the base weights, so their A and B mean something else on an "
+                "unchanged base; to load such a PEFT adapter, convert it to plain LoRA first with PEFT's "
+                "save_pretrained(path_initial_model_for_weight_conversion=...).")
         if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
                 or not 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be a probability in [0, 1); 0 turns dropout off.")
@@ -72,7 +82,7 @@ class LoraLinear(AdapterLayer):
     """``nn.Linear`` plus a trainable low-rank update: y = base_layer(x) + s · lora_B(lora_A(dropout(x)))."""
 
     def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, init_lora_weights: bool | str = True):
         super().__init__(base_layer)
         weight = self.base_weight()
         d_out, d_in = weight.shape
@@ -82,11 +92,16 @@ class LoraLinear(AdapterLayer):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r = r
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.reset_lora_parameters()
+        self.reset_lora_parameters(init_lora_weights)
 
-    def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PyTorch's own nn.Linear init
-        nn.init.zeros_(self.lora_B.weight)                             # ΔW = 0 at the start
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        if init_lora_weights is False:  # keep nn.Linear's random A and B (PEFT's option, for tests)
+            return
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PyTorch's own nn.Linear init
+        nn.init.zeros_(self.lora_B.weight)                                 # ΔW = 0 at the start
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B A, shape (d_out, d_in): what merging adds to W₀."""
@@ -153,7 +168,7 @@ def inject_lora(model: nn.Module, configs: list[LoraConfig], in_union: bool = Fa
         layer_class = lora_layer_class(config)
         wrap_targets(model, find_targets(model, config.target_modules), lambda base: layer_class(
             base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora))
+            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights))
     return configs
 
 

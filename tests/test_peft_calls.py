@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import peft_edu
-from parity import copy_peft_into_ours, forward, has_adapter_parts, make_pair, randomize_trainable
+from parity import (copy_peft_into_ours, forward, has_adapter_parts, make_pair, peft_trainable, randomize_trainable,
+                    trainable)
 
 pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 
@@ -101,3 +102,21 @@ def test_safe_merge_refuses_non_finite_weights_and_keeps_w0(tiny_model):
         next(m for m in theirs.modules() if isinstance(m, peft.tuners.lora.Linear)).lora_B["default"].weight[0, 0] = math.inf
     with pytest.raises(ValueError):  # PEFT refuses it too
         theirs.merge_adapter(safe_merge=True)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_init_lora_weights_draws_what_peft_draws(tiny_model, tiny_batch, init, use_dora):
+    base, batch = tiny_model("bert"), tiny_batch("bert")
+    ours, theirs = make_pair(base, "LoraConfig", init_lora_weights=init, use_dora=use_dora, **LORA)
+    mine, peft_own = trainable(ours), peft_trainable(theirs)
+    assert mine.keys() == peft_own.keys()
+    for name, tensor in mine.items():
+        torch.testing.assert_close(tensor, peft_own[name], msg=name)
+    starts_at_base = torch.allclose(forward(ours, batch), forward(base, batch), atol=1e-5)
+    assert starts_at_base is (init is not False)  # False: A and B both random, ΔW ≠ 0
+
+
+def test_init_lora_weights_that_change_the_base_are_refused_at_creation():
+    with pytest.raises(ValueError, match="init_lora_weights='olora'.*convert it to plain LoRA"):
+        peft_edu.LoraConfig(**LORA, init_lora_weights="olora")
