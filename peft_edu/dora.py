@@ -68,7 +68,7 @@ from .lora import LoraLinear, register_lora_variant
 
 
 class ScaleByMagnitude(torch.autograd.Function):
-    """h = g ⊙ u + b with g = m / ‖W‖ (the norm a constant), keeping h instead of u for backward.
+    """h = g ⊙ u + b with g = m / ‖W‖, keeping h instead of u for backward.
 
     Autograd would keep u to compute ∂L/∂m = Σ_tokens (∂L/∂h ⊙ u) / ‖W‖. Here u is recovered in backward as
     (h − b) / g; h is the output, which the next operation usually keeps anyway (see the module docstring).
@@ -81,24 +81,28 @@ class ScaleByMagnitude(torch.autograd.Function):
         if bias is not None:
             out = out + bias
         recoverable = bool((g != 0).all())
-        ctx.recoverable, ctx.dtypes = recoverable, (u.dtype, magnitude.dtype, None if bias is None else bias.dtype)
+        ctx.recoverable = recoverable
+        ctx.dtypes = (u.dtype, magnitude.dtype, norm.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(out if recoverable else u, g, norm, bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         kept, g, norm, bias = ctx.saved_tensors
-        grad_u = grad_m = grad_bias = None
+        grad_u = grad_m = grad_norm = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_u = grad_out * g
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             u = kept if not ctx.recoverable else (kept if bias is None else kept - bias) / g
-            grad_m = (grad_out * u).reshape(-1, u.shape[-1]).sum(dim=0) / norm
+            per_feature = (grad_out * u).reshape(-1, u.shape[-1]).sum(dim=0)  # Σ_tokens ∂L/∂h ⊙ u
+            grad_m = per_feature / norm
+            grad_norm = -per_feature * g / norm  # only if the norm is kept in the graph (DoRA detaches it)
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
-        u_dtype, m_dtype, bias_dtype = ctx.dtypes  # mixed precision: each gradient in its input's dtype
-        return (None if grad_u is None else grad_u.to(u_dtype), None if grad_m is None else grad_m.to(m_dtype),
-                None, None if grad_bias is None else grad_bias.to(bias_dtype))
+        u_dtype, m_dtype, norm_dtype, bias_dtype = ctx.dtypes  # mixed precision: each gradient in its input's dtype
+        cast = lambda grad, dtype, wanted: grad.to(dtype) if wanted and grad is not None else None  # noqa: E731
+        return (cast(grad_u, u_dtype, True), cast(grad_m, m_dtype, ctx.needs_input_grad[1]),
+                cast(grad_norm, norm_dtype, ctx.needs_input_grad[2]), cast(grad_bias, bias_dtype, True))
 
 
 class DoraLinear(LoraLinear):

@@ -539,3 +539,20 @@ def test_real_causal_lm_smollm2(smollm2, tmp_path, capsys):
     base, batch = smollm2
     check_real_model(base, batch, dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
                                        task_type="CAUSAL_LM"), tmp_path, capsys)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("zero_magnitude", [False, True], ids=["recovered", "kept"])
+def test_scale_by_magnitude_gradients_are_exact(with_bias, zero_magnitude):
+    """The output-keeping backward (u recovered as (h − b)/g, or kept where some g = 0) against finite differences,
+    for u, m, the norm (in case a variant keeps it in the graph) and the bias."""
+    from peft_edu.dora import ScaleByMagnitude
+
+    torch.manual_seed(0)
+    u = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    magnitude = torch.rand(5, dtype=torch.float64) + 0.5
+    if zero_magnitude:
+        magnitude[1] = 0.0
+    norm = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True) if with_bias else None
+    assert torch.autograd.gradcheck(ScaleByMagnitude.apply, (u, magnitude.requires_grad_(), norm, bias))
