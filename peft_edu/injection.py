@@ -72,6 +72,10 @@ class AdapterModule(nn.Module):
         """Undo ``remove`` (``disable_adapter`` takes every part out for a while); the default re-inserts this module."""
         replace_module(model, name, self)
 
+    def remove_keeping_what_was_learnt(self, model: nn.Module, name: str) -> None:
+        """``merge_and_unload``: take this module out but keep its effect (a merged layer's weight, a trained head)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be folded into the model; unload it instead.")
+
 
 class AdapterLayer(AdapterModule):
     """Base class of every wrapper a method puts around a layer of the model.
@@ -118,6 +122,11 @@ class AdapterLayer(AdapterModule):
         if self.merged:
             self.unmerge()
         replace_module(model, name, self.base_layer)
+
+    def remove_keeping_what_was_learnt(self, model: nn.Module, name: str) -> None:
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__} is not merged: merge it first, or its update would be lost.")
+        replace_module(model, name, self.base_layer)  # the base layer now holds W₀ + ΔW
 
     def refuse_training_while_merged(self) -> None:
         """Called by a merged layer's forward: gradients would reach only W₀'s copy of ΔW, never the adapter."""
@@ -191,6 +200,9 @@ class TrainedCopy(AdapterModule):
 
     def remove(self, model: nn.Module, name: str) -> None:
         replace_module(model, name, self.original_module)
+
+    def remove_keeping_what_was_learnt(self, model: nn.Module, name: str) -> None:
+        replace_module(model, name, self.modules_to_save)  # the trained copy, as PEFT's merge_and_unload keeps it
 
 
 def matches(target_modules: list[str] | str, name: str) -> bool:

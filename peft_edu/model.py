@@ -24,8 +24,7 @@ from torch import nn
 
 from .adapterhub import is_adapterhub_directory, read_adapterhub_directory
 from .config import CLASSIFIER_HEAD_NAMES, ConfigUnion, PeftConfig, load_config
-from .injection import (AdapterLayer, TrainedCopy, adapter_layers, adapter_modules, matches, replace_module,
-                        train_copies_of)
+from .injection import AdapterLayer, adapter_layers, adapter_modules, matches, train_copies_of
 from .registry import method_for
 from .virtual_tokens import PROMPT_EMBEDDINGS_KEY
 
@@ -209,14 +208,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """
     merge(model, safe_merge=safe_merge)
     for name, module in list(adapter_modules(model).items()):
-        if isinstance(module, AdapterLayer):
-            replace_module(model, name, module.base_layer)  # the base layer now holds W₀ + ΔW
-        elif isinstance(module, TrainedCopy):
-            replace_module(model, name, module.modules_to_save)
-    for name, param in model.named_parameters():
-        param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
-    del model.peft_edu_config, model.peft_edu_requires_grad
-    return model
+        module.remove_keeping_what_was_learnt(model, name)
+    return _forget_adapter(model)
 
 
 @contextlib.contextmanager
@@ -244,6 +237,11 @@ def unload(model: nn.Module) -> nn.Module:
     _peft_config(model)
     for name, module in list(adapter_modules(model).items()):
         module.remove(model, name)  # unmerges a merged layer first; a prompt encoder removes its hook too
+    return _forget_adapter(model)
+
+
+def _forget_adapter(model: nn.Module) -> nn.Module:
+    """Once the adapter's modules are out: the base model's own requires_grad flags back, peft_edu's marks gone."""
     for name, param in model.named_parameters():
         param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
     del model.peft_edu_config, model.peft_edu_requires_grad
