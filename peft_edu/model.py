@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapterhub import is_adapterhub_directory, read_adapterhub_directory
+from .checkpointing import inputs_require_grad_under_checkpointing
 from .config import CLASSIFIER_HEAD_NAMES, ConfigUnion, PeftConfig, load_config
 from .injection import AdapterLayer, adapter_layers, adapter_modules, matches, train_copies_of
 from .registry import method_for
@@ -79,6 +80,7 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> nn.Module:
         model.requires_grad_(False)
         train_copies_of(model, _modules_to_save(model, config))
         model.peft_edu_config = inject(model, config)  # what save_adapter writes: the config as applied
+        model.peft_edu_checkpointing_hook = inputs_require_grad_under_checkpointing(model)
     except Exception:
         unload(model)  # a bad config leaves the model as it was: no wrappers, same requires_grad
         raise
@@ -244,6 +246,10 @@ def _forget_adapter(model: nn.Module) -> nn.Module:
     """Once the adapter's modules are out: the base model's own requires_grad flags back, peft_edu's marks gone."""
     for name, param in model.named_parameters():
         param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
+    hook = getattr(model, "peft_edu_checkpointing_hook", None)
+    if hook is not None:
+        hook.remove()
+    model.__dict__.pop("peft_edu_checkpointing_hook", None)
     del model.peft_edu_config, model.peft_edu_requires_grad
     return model
 

@@ -43,8 +43,8 @@ shifts them, so ``generate()`` (which derives them from the left-padded mask) st
 transformers 4.57 the cache must be a ``Cache`` object; ``DynamicCache`` grows as ``generate()`` appends the
 real tokens, and an empty one passed by ``generate()`` is filled in place on its first step. (PEFT issue
 #2821: prefix tuning broke when transformers changed its cache API; ``test_prompt_methods.py`` checks that
-the attention really sees n + T keys and that the prefix changes ``generate()``.) As in PEFT, prefix tuning
-refuses gradient checkpointing, which in transformers disables the cache.
+the attention really sees n + T keys and that the prefix changes ``generate()``.) Gradient checkpointing, under
+which transformers' layers drop the cache (PEFT refuses it), gets each layer its own prefix: see checkpointing.py.
 
 In a ``ConfigUnion`` (AdapterHub's way of combining methods, e.g. ``MAMConfig``: a prefix plus parallel adapters)
 the prefix is placed as AdapterHub places it, which differs in one respect: the real tokens keep the positions
@@ -70,6 +70,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .checkpointing import checkpointable_layers, layer_index
 from .registry import register_method
 from .virtual_tokens import (
     BasePromptEncoder,
@@ -178,6 +179,23 @@ class PrefixEncoder(BasePromptEncoder):
     def hook_target(self, model: nn.Module) -> nn.Module:
         return model.base_model  # BertModel / LlamaModel: the module whose forward takes past_key_values
 
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        for layer in checkpointable_layers(self.hook_target(model)):  # see checkpointing.py
+            layer.register_forward_pre_hook(self._prefix_for_checkpointed_layer, with_kwargs=True)
+
+    def _prefix_for_checkpointed_layer(self, layer: nn.Module, args: tuple, kwargs: dict):
+        """Under gradient checkpointing a layer is called with ``past_key_values=None``: give it, inside the
+        checkpointed call, a cache holding its own prefix (recomputed whenever the layer is recomputed)."""
+        if kwargs.get("past_key_values") is not None or not (layer.gradient_checkpointing and layer.training):
+            return None
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        index = layer_index(layer)
+        key, value = self.key_values(hidden_states.shape[0], hidden_states.dtype)[index]
+        cache = DynamicCache()
+        cache.update(key, value, index)
+        return args, {**kwargs, "past_key_values": cache}
+
     def rewrite(self, module: nn.Module, kwargs: dict) -> dict:
         n = self.num_virtual_tokens
         batch_size = batch_size_of(kwargs)
@@ -214,9 +232,6 @@ def inject_prefix_tuning(model: nn.Module, configs: list[PrefixTuningConfig],
     backbone = model.base_model
     if "past_key_values" not in inspect.signature(backbone.forward).parameters:
         raise TypeError(f"{type(backbone).__name__}.forward takes no past_key_values, which carry the prefix.")
-    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        raise ValueError("Prefix tuning does not work with gradient checkpointing (transformers then turns the "
-                         "key/value cache off, and the cache carries the prefix); PEFT refuses it too.")
     encoder = PrefixEncoder(resolved, shift_positions=not in_union).to(model.get_input_embeddings().weight.device)
     encoder.attach(model)
     return [resolved]

@@ -629,13 +629,6 @@ def test_config_that_does_not_fit_the_model(tiny_model):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_prefix_refuses_gradient_checkpointing(tiny_model):
-    model = tiny_model("llama")
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
-        peft_edu.get_peft_model(model, peft_edu.PrefixTuningConfig(num_virtual_tokens=N, task_type="CAUSAL_LM"))
-
-
 def test_four_dimensional_mask_is_refused(tiny_model, tiny_batch):
     model = peft_edu.get_peft_model(tiny_model("llama"), peft_edu.PrefixTuningConfig(num_virtual_tokens=N,
                                                                                     task_type="CAUSAL_LM"))
