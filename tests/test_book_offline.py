@@ -26,6 +26,9 @@ def test_math_is_served_from_the_built_book(tmp_path):
     course = yaml.safe_load((ROOT / "_config.yml").read_text())
     book = tmp_path / "book"
     book.mkdir()
+    for name, folder in course["sphinx"].get("local_extensions", {}).items():  # relative to the course's root
+        course["sphinx"]["local_extensions"][name] = str(ROOT / folder)
+    course["sphinx"]["config"].pop("templates_path", None)  # the course's templates need its repository settings
     (book / "_config.yml").write_text(yaml.safe_dump({
         "title": "Offline math", "only_build_toc_files": True, "parse": course["parse"],
         "sphinx": course["sphinx"], "execute": {"execute_notebooks": "off"}}))
