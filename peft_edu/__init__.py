@@ -13,8 +13,11 @@ from .config import ConfigUnion, PeftConfig
 from .dora import DoraLinear
 from .ia3 import IA3Config, IA3Linear
 from .lora import LoraConfig, LoraLinear
+from .lora_layers import DoraConv, DoraEmbedding, IA3Conv, LoraConv, LoraEmbedding, LoraMultiheadAttention
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .qlora import Linear4bit, quantize_model
+from .quantization import NF4Weight, dequantize_nf4, quantize_nf4
 from .registry import register_method
 from .model import (
     count_parameters,
@@ -35,4 +38,6 @@ __all__ = [
     "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "MAMConfig", "BottleneckAdapter",
     "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding", "register_method",
     "merge_and_unload", "disable_adapter",
+    "Linear4bit", "quantize_model", "NF4Weight", "quantize_nf4", "dequantize_nf4",
+    "LoraConv", "DoraConv", "LoraEmbedding", "DoraEmbedding", "LoraMultiheadAttention", "IA3Conv",
 ]

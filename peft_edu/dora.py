@@ -109,7 +109,9 @@ class DoraLinear(LoraLinear):
     """``LoraLinear`` whose update is rescaled per output feature to a trainable magnitude (see module docstring)."""
 
     def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init_lora_weights: bool | str = True):
+                 use_rslora: bool = False, init_lora_weights: bool | str = True, lora_bias: bool = False):
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported with DoRA (see LoraConfig.lora_bias).")
         super().__init__(base_layer, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                          init_lora_weights=init_lora_weights)
         self._base_norm_cache: tuple | None = None  # (fingerprint of W₀, ‖wᵢ‖² per row); not saved
@@ -140,7 +142,7 @@ class DoraLinear(LoraLinear):
         """‖W₀ + s·BA‖ per output feature (shape d_out), without forming W₀ + s·BA; no gradient."""
         w = self.base_weight()
         dtype = torch.promote_types(w.dtype, torch.float32)  # fp16/bf16 weights: accumulate in float32
-        A, B = self.lora_A.weight, self.lora_B.weight
+        A, B = self.lora_factors()
         w_At = (w @ A.to(w.dtype).T).to(dtype)  # W₀Aᵀ, d_out × r
         A, B = A.to(dtype), B.to(dtype)
         cross = (B * w_At).sum(dim=1)  # ⟨wᵢ, (BA)ᵢ⟩
@@ -177,7 +179,8 @@ class DoraLinear(LoraLinear):
     @torch.no_grad()
     def merge_into_base(self) -> None:
         weight = self.base_weight()
-        g = (self.lora_magnitude_vector / self.weight_norm()).to(weight.dtype)
+        # (a convolution's magnitude is stored as (1, d_out, 1, ...), as PEFT stores it)
+        g = (self.lora_magnitude_vector.reshape(-1) / self.weight_norm()).to(weight.dtype)
         if not torch.isfinite(g).all() or (g == 0).any():
             raise ValueError("Cannot merge this DoRA layer: a magnitude is zero or a norm is zero/not finite, so "
                              "the merged weight could not be unmerged again (rows would be lost).")

@@ -1,7 +1,8 @@
 r"""(IA)³: rescale inner activations with learned vectors (Liu et al., arXiv 2205.05638, "T-Few").
 
 "Infused Adapter by Inhibiting and Amplifying Inner Activations" adds no layer and no matrix: each
-adapted ``nn.Linear`` (h = W x + b, W ∈ ℝ^{d_out×d_in}) gets one vector l, initialised to ones, that
+adapted ``nn.Linear`` (h = W x + b, W ∈ ℝ^{d_out×d_in}; also GPT-2's ``Conv1D``, and ``nn.Conv2d/3d`` per
+channel, see ``lora_layers.IA3Conv``) gets one vector l, initialised to ones, that
 multiplies an activation element-wise. Where it multiplies depends on the layer's role:
 
 * attention keys and values (and any target not listed in ``feedforward_modules``) scale the output:
@@ -38,7 +39,7 @@ scaling feature j of every value vector.
 
 ``target_modules=None`` and ``feedforward_modules=None`` take PEFT's defaults for the model's
 ``config.model_type`` (``DEFAULT_TARGET_MODULES`` below, copied from PEFT's ``utils/constants.py`` for
-the architectures with ``nn.Linear`` layers).
+the course's architectures).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import PeftConfig
-from .injection import AdapterLayer, find_targets, replace_module
+from .injection import AdapterLayer, find_targets, layer_class_for, replace_module
 from .registry import register_method
 
 
@@ -66,7 +68,11 @@ class IA3Config(PeftConfig):
         rule) and an entry selects each targeted module whose name ends with it; a string is a
         regex matched against the whole name. None takes PEFT's defaults for the model type; []: none.
     init_ia3_weights: True starts from ones (the base model exactly); False keeps N(0, 1) as PEFT does.
-    fan_in_fan_out: only False (nn.Linear); PEFT uses True for GPT-2's Conv1D, which peft_edu does not adapt.
+    fan_in_fan_out: PEFT's flag for transformers' Conv1D (weight stored (d_in, d_out)). peft_edu reads the layout
+        from each layer's type, so it decides nothing; the config as applied says True when a target is a Conv1D,
+        as PEFT sets it.
+
+    IA³ adapts nn.Linear, transformers' Conv1D and nn.Conv2d/3d (``peft_edu.lora_layers``), the layers PEFT's IA³ adapts.
     """
 
     feedforward_modules: list[str] | str | None = None
@@ -94,9 +100,8 @@ class IA3Config(PeftConfig):
                                  f"({error}); give a list of names such as ['down_proj'], or a valid regex.") from None
         elif ff is not None:
             raise TypeError(f"feedforward_modules must be a list of names or a regex string, not {type(ff).__name__}.")
-        if self.fan_in_fan_out is not False:
-            raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r}: only False (nn.Linear stores W as (out, in)); "
-                             "True is for GPT-2-style Conv1D layers, which peft_edu does not adapt.")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r}: must be True or False.")
         if not isinstance(self.init_ia3_weights, bool):
             raise ValueError(f"init_ia3_weights={self.init_ia3_weights!r}: must be True (ones) or False (random).")
         # PEFT's rule, checked when both are lists: a feed-forward module must also be a target.
@@ -114,9 +119,9 @@ class IA3Config(PeftConfig):
             d["feedforward_modules"] = sorted(d["feedforward_modules"])
         return d
 
-# PEFT's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, for model types whose
-# targets are nn.Linear (GPT-2-style Conv1D models are left out: peft_edu adapts nn.Linear only).
+# PEFT's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, for the course's model types.
 DEFAULT_TARGET_MODULES = {
+    "gpt2": ["c_attn", "mlp.c_proj"],
     "bert": ["key", "value", "output.dense"],
     "roberta": ["key", "value", "output.dense"],
     "deberta-v2": ["key_proj", "value_proj", "output.dense"],
@@ -132,6 +137,7 @@ DEFAULT_TARGET_MODULES = {
     "phi": ["q_proj", "v_proj", "fc2"],
 }
 DEFAULT_FEEDFORWARD_MODULES = {
+    "gpt2": ["mlp.c_proj"],
     "bert": ["output.dense"],
     "roberta": ["output.dense"],
     "deberta-v2": ["output.dense"],
@@ -162,19 +168,31 @@ class IA3Linear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear, is_feedforward: bool, init_ia3_weights: bool = True):
         super().__init__(base_layer)
         weight = self.base_weight()
-        d_out, d_in = weight.shape
         self.is_feedforward = is_feedforward
-        shape = (1, d_in) if is_feedforward else (d_out, 1)
+        shape = self.vector_shape()
         vector = torch.randn(shape)  # drawn even when overwritten, as PEFT does (same random stream)
         if init_ia3_weights:
             vector = torch.ones(shape)
         self.ia3_l = nn.Parameter(vector.to(device=weight.device, dtype=weight.dtype))
 
+    # How l meets the layer; a convolution (``lora_layers.IA3Conv``) answers these three differently.
+    def vector_shape(self) -> tuple[int, ...]:
+        d_out, d_in = self.base_weight().shape
+        return (1, d_in) if self.is_feedforward else (d_out, 1)
+
+    def activation_scale(self) -> torch.Tensor:
+        """l shaped to multiply the activation it scales (features last)."""
+        return self.ia3_l.flatten()
+
+    def weight_scale(self, vector: torch.Tensor) -> torch.Tensor:
+        """``vector`` (l) shaped to multiply the dense weight: (d_out, 1) scales rows, (1, d_in) columns."""
+        return vector
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # l already lives inside the base weight (and bias)
             self.refuse_training_while_merged()
             return self.base_layer(x)
-        scale = self.ia3_l.flatten()
+        scale = self.activation_scale()
         if self.is_feedforward:  # h = W (l ⊙ x) + b
             return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
         result = self.base_layer(x)  # h = l ⊙ (W x + b)
@@ -184,14 +202,14 @@ class IA3Linear(AdapterLayer):
     def merge_into_base(self) -> None:
         weight, bias = self.base_weight(), self.base_bias()
         self._merged_l = self.ia3_l.detach().clone()  # what unmerge divides by, even if l changes while merged
-        self.set_base_weight(torch.mul(weight, self.ia3_l))  # (d_out, 1) scales rows, (1, d_in) scales columns
+        self.set_base_weight(torch.mul(weight, self.weight_scale(self.ia3_l)))
         if not self.is_feedforward and bias is not None:
             bias.copy_(torch.mul(bias, self.ia3_l.reshape(bias.shape)))
 
     @torch.no_grad()
     def unmerge_from_base(self) -> None:
         weight, bias, l = self.base_weight(), self.base_bias(), self._merged_l
-        self.set_base_weight(torch.div(weight, l + 1e-8))  # PEFT's guard against l = 0
+        self.set_base_weight(torch.div(weight, self.weight_scale(l) + 1e-8))  # PEFT's guard against l = 0
         if not self.is_feedforward and bias is not None:
             bias.copy_(torch.div(bias, l.reshape(bias.shape) + 1e-8))
         self._merged_l = None
@@ -199,6 +217,10 @@ class IA3Linear(AdapterLayer):
     def extra_repr(self) -> str:
         side = "input (feed-forward)" if self.is_feedforward else "output"
         return f"scales={side}, shape={tuple(self.ia3_l.shape)}, merged={self.merged}"
+
+
+# The IA³ layer class for each base layer type; peft_edu.lora_layers registers the convolutions.
+LAYER_CLASSES: dict[type, type[IA3Linear]] = {nn.Linear: IA3Linear, Conv1D: IA3Linear}
 
 
 def is_feedforward(feedforward_modules: list[str] | str, name: str) -> bool:
@@ -224,7 +246,7 @@ def resolve_config(model: nn.Module, config: IA3Config) -> IA3Config:
                 f"(known: {sorted(DEFAULT_TARGET_MODULES)}). Name the layers to rescale, {_USUAL}."
             )
         targets = list(DEFAULT_TARGET_MODULES[model_type])
-    names = find_targets(model, targets)  # strict: every entry matches, only nn.Linear
+    names = find_targets(model, targets, kind=tuple(LAYER_CLASSES))  # strict: every entry matches, a supported type
     if feedforward is None:
         if model_type not in DEFAULT_FEEDFORWARD_MODULES:
             raise ValueError(
@@ -258,11 +280,12 @@ def resolve_config(model: nn.Module, config: IA3Config) -> IA3Config:
                 f"feedforward_modules entry {unmatched[0]!r} matches none of the targeted modules, whose names "
                 f"look like {names[:3]}. A feed-forward module must also be a target."
             )
-    return dataclasses.replace(config, target_modules=targets, feedforward_modules=feedforward)
+    transposed = any(isinstance(model.get_submodule(name), Conv1D) for name in names)
+    return dataclasses.replace(config, target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=transposed)
 
 
 def inject_ia3(model: nn.Module, configs: list[IA3Config], in_union: bool = False) -> list[IA3Config]:
-    """Wrap every ``nn.Linear`` that ``config.target_modules`` selects in an ``IA3Linear``.
+    """Wrap every layer that ``config.target_modules`` selects in the IA³ layer of its type (``IA3Linear``).
 
     Returns the resolved config (PEFT's defaults filled in), which ``save_adapter`` writes, so that
     ``adapter_config.json`` holds the lists that were used, as PEFT's does.
@@ -270,9 +293,10 @@ def inject_ia3(model: nn.Module, configs: list[IA3Config], in_union: bool = Fals
     resolved_configs = []
     for config in configs:
         resolved = resolve_config(model, config)
-        for name in find_targets(model, resolved.target_modules):  # in model order, as PEFT: with init_ia3_weights=False both draw the same vectors
+        # in model order, as PEFT: with init_ia3_weights=False both draw the same vectors
+        for name in find_targets(model, resolved.target_modules, kind=tuple(LAYER_CLASSES)):
             base = model.get_submodule(name)
-            replace_module(model, name, IA3Linear(
+            replace_module(model, name, layer_class_for(LAYER_CLASSES, base, "IA³")(
                 base, is_feedforward=is_feedforward(resolved.feedforward_modules, name),
                 init_ia3_weights=resolved.init_ia3_weights))
         resolved_configs.append(resolved)

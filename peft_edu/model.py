@@ -112,9 +112,15 @@ def _peft_config(model: nn.Module) -> PeftConfig:
 
 # --- counting ---------------------------------------------------------------------------------
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts, counted exactly as PEFT's ``get_nb_trainable_parameters``."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, all) parameter counts, counted exactly as PEFT's ``get_nb_trainable_parameters``: a 4-bit
+    weight packed two codes to a byte (bitsandbytes' or peft_edu's ``Linear4bit``) counts two per byte."""
+    counts = {}  # by identity: a parameter shared by two modules counts once
+    for module in model.modules():
+        packed = type(module).__name__ == "Linear4bit"
+        for name, param in module.named_parameters(recurse=False):
+            per_element = 2 if packed and name == "weight" and param.dtype == torch.uint8 else 1
+            counts[id(param)] = (param.numel() * per_element, param.requires_grad)
+    return sum(n for n, grad in counts.values() if grad), sum(n for n, _ in counts.values())
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
@@ -159,16 +165,17 @@ def merge(model: nn.Module, safe_merge: bool = False) -> None:
 
 def _merge_layer(layer: AdapterLayer, safe_merge: bool) -> None:
     """``layer.merge()``; with ``safe_merge`` (PEFT's option) on a copy first: a NaN or inf in the merged weight
-    (a diverged adapter, or an overflow in float16) is refused and the weight kept as it was."""
+    (a diverged adapter, or an overflow in float16) is refused and the weight kept as it was (every weight of the
+    base layer: an nn.MultiheadAttention's out_proj too)."""
     if not safe_merge:
         layer.merge()
         return
-    frozen = [p.detach().clone() for p in layer.base_layer.parameters(recurse=False)]
+    frozen = [p.detach().clone() for p in layer.base_layer.parameters()]
     layer.merge()
-    if all(torch.isfinite(p).all() for p in layer.base_layer.parameters(recurse=False)):
+    if all(torch.isfinite(p).all() for p in layer.base_layer.parameters()):
         return
     with torch.no_grad():
-        for param, before in zip(layer.base_layer.parameters(recurse=False), frozen):
+        for param, before in zip(layer.base_layer.parameters(), frozen):
             param.copy_(before)
     layer.merged = False
     raise ValueError("safe_merge: the merged weight has NaN or infinite values (the adapter's weights are not "

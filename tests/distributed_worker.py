@@ -11,7 +11,6 @@ with the one-process run's.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

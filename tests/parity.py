@@ -12,6 +12,9 @@
   the loss, for a pair of models), ``assert_same_report`` (the
   trainable-parameter line), ``assert_unchanged`` (a failed call left the model as it was).
 
+- 4-bit bases for QLoRA (``tiny_llama_for_4bit``, ``load_in_4bit``). PEFT's custom-model cases (MLPs,
+  convolutions, attention) are in ``custom_models.py``.
+
 Imported as ``from parity import ...`` (pytest puts tests/ on sys.path, as for the other helper modules).
 """
 
@@ -276,3 +279,36 @@ def assert_unchanged(model, base, batch):
     assert not has_adapter_parts(model) and not hasattr(model, "peft_edu_config")
     assert all(p.requires_grad for p in model.parameters())
     assert torch.equal(forward(model, batch), forward(base, batch))
+
+
+# --- 4-bit bases (QLoRA) ----------------------------------------------------------------------------------
+def tiny_llama_for_4bit(seed: int = 0) -> nn.Module:
+    """A tiny Llama whose linear layers all have rows of a whole number of 64-blocks (hidden 64, FFN 128):
+    bitsandbytes 0.50.2's AVX-512 CPU kernel dequantises shorter rows with the wrong absmax (see test_quantization)."""
+    return build_tiny("llama", seed=seed, hidden_size=64, intermediate_size=128)
+
+
+def load_in_4bit(folder, fused_cpu_kernel: bool = False) -> nn.Module:
+    """The model saved in ``folder`` loaded by transformers with bitsandbytes' NF4 and double quantisation, float32
+    compute, on CPU, in eval mode (the QLoRA set-up). Without ``fused_cpu_kernel``, its Linear4bit layers always
+    dequantise and multiply in float32: on a CPU with AVX-512 BF16, bitsandbytes otherwise switches a layer in eval
+    mode whose input needs no gradient to a fused kernel that computes in bfloat16."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32,
+                                                 device_map="cpu", local_files_only=True).eval()
+    if not fused_cpu_kernel:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def assert_base_restored(ours, base) -> None:
+    """After unmerge, every frozen weight of ``ours`` is the base model's again (up to rounding)."""
+    originals = dict(base.named_parameters())
+    for name, param in ours.named_parameters():
+        if "base_layer." in name or "original_module." in name:
+            assert_close(param, originals[name.replace("base_layer.", "").replace("original_module.", "")], rel=1e-5)

@@ -442,7 +442,7 @@ def test_parameter_count_by_hand(tiny_model):
 @pytest.mark.parametrize("kwargs,error,message", [
     (dict(target_modules=["key", "value"], feedforward_modules=["output.dense"]), ValueError,
      r"feedforward_modules entries \['output.dense'\] are not in target_modules \['key', 'value'\]: .*subset"),
-    (dict(target_modules=["key"], fan_in_fan_out=True), ValueError, r"fan_in_fan_out=True: only False"),
+    (dict(target_modules=["key"], fan_in_fan_out="yes"), ValueError, r"fan_in_fan_out='yes': must be True or False"),
     (dict(target_modules=["key"], init_ia3_weights="ones"), ValueError, r"init_ia3_weights='ones'"),
     (dict(target_modules=["key"], feedforward_modules=7), TypeError, r"feedforward_modules must be a list"),
     (dict(target_modules=["key"], feedforward_modules=[""]), ValueError, r"feedforward_modules=\[''\]"),

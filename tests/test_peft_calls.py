@@ -118,5 +118,5 @@ def test_init_lora_weights_draws_what_peft_draws(tiny_model, tiny_batch, init, u
 
 
 def test_init_lora_weights_that_change_the_base_are_refused_at_creation():
-    with pytest.raises(ValueError, match="init_lora_weights='olora'.*convert it to plain LoRA"):
-        peft_edu.LoraConfig(**LORA, init_lora_weights="olora")
+    with pytest.raises(ValueError, match="init_lora_weights='corda' is not supported.*convert it to plain LoRA"):
+        peft_edu.LoraConfig(**LORA, init_lora_weights="corda")

@@ -1,0 +1,248 @@
+"""QLoRA on SmolLM2: the bytes of a 4-bit base, the memory of training on it, and the time dequantising costs.
+
+Three measurements, each against the paper's arithmetic or a reference (QLoRA, arXiv 2305.14314):
+
+* **storage**: the bytes of SmolLM2's 210 linear weights (the ones transformers and ``peft_edu.quantize_model``
+  quantise: every nn.Linear but the tied output head) in float32, bfloat16, NF4 and NF4 with double quantisation,
+  as bits per parameter against 4 + 32/64 = 4.5 and 4 + 8/64 + 32/(64·256) ≈ 4.127; and the whole model's bytes
+  (embeddings and norms stay in float32, as transformers keeps them).
+* **training memory**: LoRA on the float32 base vs QLoRA (peft_edu on its 4-bit base; PEFT on bitsandbytes' base,
+  loaded by transformers with BitsAndBytesConfig) at the same batch: resident bytes (weights, buffers, bitsandbytes'
+  quantisation state, optimizer state) plus the peak a training step allocates on top (``dora_lora_bench``'s
+  profiler method).
+* **step time**: zero_grad + forward + backward + AdamW, the variants taking steps in turn (round robin) so that
+  background load hits them alike; median and minimum of ``--steps`` steps. QLoRA / LoRA-fp32 is the cost of
+  dequantising every base weight twice per step (forward, and backward for the input's gradient): it weighs most
+  at small batches, where the matrix products are small.
+
+Memory and time are measured for each of ``--batch-sizes`` (rows of ``--seq-len`` tokens of QA text).
+
+    python benchmarks/qlora_bench.py --threads 1 --steps 7 --warmup 2 --batch-sizes 1,8 --seq-len 64 \\
+        --out benchmarks/results/qlora_cpu.md
+
+Targets (issue 14): 4-bit weights ≤ 0.30 × their float32 bytes; QLoRA peak training memory ≤ 0.5 × LoRA's on the
+float32 base; peft_edu QLoRA step ≤ 1.10 × PEFT + bitsandbytes. CPU only: bitsandbytes' CUDA kernels are not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from dora_lora_bench import machine_info, peak_step_bytes, smollm2_batch, step  # noqa: E402 (same folder)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("LoRA fp32 (peft_edu)", "QLoRA (peft_edu)", "QLoRA (PEFT + bitsandbytes)")
+
+
+# --- the three bases -----------------------------------------------------------------------------------
+def load_bases():
+    """(tokenizer, float32 SmolLM2, peft_edu's 4-bit copy, transformers + bitsandbytes' 4-bit model)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import peft_edu
+    from peft_edu.assets import load_causal_lm
+
+    tokenizer, fp32 = load_causal_lm()
+    ours = peft_edu.quantize_model(copy.deepcopy(fp32))
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(fp32.name_or_path, quantization_config=config, dtype=torch.float32,
+                                                  device_map="cpu", local_files_only=True)
+    return tokenizer, fp32, ours, theirs
+
+
+def resident_bytes(model, optimizer=None) -> int:
+    """Bytes the model keeps between steps: parameters, buffers, bitsandbytes' quantisation state (its absmax,
+    code books and double-quantisation constants live outside the parameters) and the optimizer's state."""
+    tensors = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        tensors[t.data_ptr()] = t.numel() * t.element_size()
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        for holder in (state, getattr(state, "state2", None)):
+            for name in ("absmax", "code", "offset"):
+                t = getattr(holder, name, None)
+                if isinstance(t, torch.Tensor):
+                    tensors[t.data_ptr()] = t.numel() * t.element_size()
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for t in state.values():
+                if isinstance(t, torch.Tensor):
+                    tensors[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(tensors.values())
+
+
+# --- storage ----------------------------------------------------------------------------------------------
+def storage(fp32, ours, theirs) -> dict:
+    from peft_edu.qlora import Linear4bit
+    from peft_edu.quantization import NF4Weight, paper_bits_per_parameter, quantize_absmax, quantize_nf4
+
+    weights = {n: m.weight for n, m in fp32.named_modules() if isinstance(ours.get_submodule(n), Linear4bit)}
+    params = sum(w.numel() for w in weights.values())
+    nf4 = dq = 0
+    for w in weights.values():
+        plain = quantize_nf4(w)  # the double-quantised form reuses its absmax
+        nf4 += plain.nbytes()
+        dq += NF4Weight(plain.codes, quantize_absmax(plain.absmax), plain.shape, plain.dtype).nbytes()
+    quantised = {"float32": 4 * params, "bfloat16": 2 * params, "NF4": nf4, "NF4 + double quantisation": dq}
+    paper = {"float32": 32.0, "bfloat16": 16.0, "NF4": paper_bits_per_parameter(False),
+             "NF4 + double quantisation": paper_bits_per_parameter(True)}
+    whole = {"float32": resident_bytes(fp32), "bfloat16": resident_bytes(fp32) // 2,
+             "4-bit (peft_edu.quantize_model)": resident_bytes(ours),
+             "4-bit (transformers + bitsandbytes)": resident_bytes(theirs)}
+    return {"layers": len(weights), "params": params, "quantised": quantised, "paper_bits": paper, "whole_model": whole}
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+def build(variant: str, bases, r: int, lora_alpha: float):
+    import peft
+
+    import peft_edu
+
+    _, fp32, ours, theirs = bases
+    config = dict(r=r, lora_alpha=lora_alpha, target_modules=TARGETS, task_type="CAUSAL_LM")
+    torch.manual_seed(1)
+    if variant == VARIANTS[2]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(copy.deepcopy(theirs), peft.LoraConfig(**config))
+    else:
+        base = fp32 if variant == VARIANTS[0] else ours
+        model = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.LoraConfig(**config))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer
+
+
+def train_at(batch_size: int, bases, tokenizer, args) -> dict:
+    """Memory, then step times, of the three variants at one batch size."""
+    batch = smollm2_batch(tokenizer, batch_size, args.seq_len)
+    runs = {v: {"model_optimizer": build(v, bases, args.r, args.lora_alpha), "times": [], "losses": []}
+            for v in VARIANTS}
+    memory = {}
+    for variant, run in runs.items():
+        model, optimizer = run["model_optimizer"]
+        step(model, optimizer, batch)  # the optimizer's state exists from the first step on
+        peak = peak_step_bytes(model, optimizer, batch, torch.device("cpu"))
+        resident = resident_bytes(model, optimizer)
+        memory[variant] = {"resident_bytes": resident, "peak_step_bytes": peak, "total_bytes": resident + peak}
+    for i in range(args.warmup + args.steps):  # round robin: background load hits every variant alike
+        for run in runs.values():
+            torch.manual_seed(i)
+            start = time.perf_counter()
+            loss = step(*run["model_optimizer"], batch)
+            if i >= args.warmup:
+                run["times"].append(time.perf_counter() - start)
+            run["losses"].append(loss)
+    times = {v: {"median_step_s": statistics.median(r["times"]), "min_step_s": min(r["times"]),
+                 "step_times_s": r["times"], "losses": r["losses"]} for v, r in runs.items()}
+    return {"batch": [batch_size, args.seq_len], "memory": memory, "time": times}
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+def markdown(result: dict, info: dict, args, command: str) -> str:
+    mb = lambda n: f"{n / 1e6:.1f}"  # noqa: E731
+    s = result["storage"]
+    fp32_bytes = s["quantised"]["float32"]
+    lines = [
+        "# QLoRA on SmolLM2 (CPU): 4-bit storage, training memory, step time", "",
+        f"Command: `{command}`", "",
+        f"Machine: {info['cpu']}, {info['cpu_cores']} cores, torch threads {info['torch_threads']}; device `cpu`.",
+        f"Versions: torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}, bitsandbytes "
+        f"{info['bitsandbytes']}, Python {info['python']}. Date: {info['date']}.", "",
+        f"## Storage of the {s['layers']} quantised linear weights ({s['params']:,} parameters)", "",
+        "| format | MB | bits / parameter (measured) | paper | × float32 |", "|---|---:|---:|---:|---:|",
+    ]
+    for fmt, nbytes in s["quantised"].items():
+        lines.append(f"| {fmt} | {mb(nbytes)} | {8 * nbytes / s['params']:.4f} | {s['paper_bits'][fmt]:.4f} | "
+                     f"{nbytes / fp32_bytes:.4f} |")
+    lines += ["", "The measured bits include each weight's partial last block and one float32 mean per matrix.", "",
+              "Whole model (parameters, buffers, bitsandbytes' quantisation state; the 49,152 × 576 embedding, tied "
+              "to the output head, and the norms stay float32):", "",
+              "| model | MB | × float32 model |", "|---|---:|---:|"]
+    whole = s["whole_model"]
+    for name, nbytes in whole.items():
+        lines.append(f"| {name} | {mb(nbytes)} | {nbytes / whole['float32']:.4f} |")
+    lines += ["", f"## Training (r={args.r}, alpha={args.lora_alpha}, targets {', '.join(TARGETS)})", "",
+              "Memory: resident = weights, buffers, quantisation state and AdamW state after a first step; step peak = "
+              "the peak a step allocates above that (torch.profiler's CPU allocations, as in dora_lora_bench.py; "
+              "oneDNN scratch buffers not seen). MB = 10^6 bytes.",
+              f"Time: zero_grad + forward + backward + AdamW; median and minimum of {args.steps} steps after "
+              f"{args.warmup} warm-up steps, the three variants taking steps in turn. Losses: the same data and seeds, "
+              "so the two QLoRA variants should print the same losses.", ""]
+    for run in result["training"]:
+        batch = f"{run['batch'][0]} × {run['batch'][1]}"
+        memory, times = run["memory"], run["time"]
+        lines += [f"### batch {batch} tokens", "",
+                  "| variant | resident MB | step peak MB | total MB | × LoRA fp32 | median step (ms) | min step (ms) "
+                  "| every timed step (ms) | loss, first → last step |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        for variant in VARIANTS:
+            m, t = memory[variant], times[variant]
+            share = m["total_bytes"] / memory[VARIANTS[0]]["total_bytes"]
+            lines.append(f"| {variant} | {mb(m['resident_bytes'])} | {mb(m['peak_step_bytes'])} "
+                         f"| {mb(m['total_bytes'])} | {share:.3f} | {1e3 * t['median_step_s']:.0f} "
+                         f"| {1e3 * t['min_step_s']:.0f} | {' '.join(f'{1e3 * x:.0f}' for x in t['step_times_s'])} "
+                         f"| {t['losses'][0]:.5f} → {t['losses'][-1]:.5f} |")
+        ratio = lambda a, b, key: times[a][key] / times[b][key]  # noqa: E731
+        lines += ["", "| step-time ratio | median | min |", "|---|---:|---:|"]
+        for label, a, b in (("QLoRA: peft_edu / PEFT + bitsandbytes", VARIANTS[1], VARIANTS[2]),
+                            ("peft_edu: QLoRA / LoRA fp32 (the cost of dequantising)", VARIANTS[1], VARIANTS[0]),
+                            ("PEFT + bitsandbytes QLoRA / peft_edu LoRA fp32", VARIANTS[2], VARIANTS[0])):
+            lines.append(f"| {label} | {ratio(a, b, 'median_step_s'):.3f} | {ratio(a, b, 'min_step_s'):.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (rows of --seq-len tokens)")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
+    args = parser.parse_args(argv)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+
+    import bitsandbytes
+
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
+    info = dict(machine_info(torch.device("cpu")), bitsandbytes=bitsandbytes.__version__,
+                date=time.strftime("%Y-%m-%d"))
+    print("loading SmolLM2 and its two 4-bit versions ...", flush=True)
+    bases = load_bases()
+    tokenizer = bases[0]
+    result = {"storage": storage(*bases[1:])}
+    result["training"] = []
+    for batch_size in args.batch_sizes:
+        print(f"batch {batch_size} x {args.seq_len}: memory, then {args.warmup}+{args.steps} steps per variant ...",
+              flush=True)
+        result["training"].append(train_at(batch_size, bases, tokenizer, args))
+    report = markdown(result, info, args, command)
+    print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
