@@ -7,6 +7,14 @@
     peft_edu.save_adapter(model, "my-adapter")        # loads with peft.PeftModel.from_pretrained too
 """
 
+import logging as _logging
+
+# bitsandbytes (imported by peft) logs, on a CPU with AVX-512 BF16, that it could not fetch an optional faster
+# 4-bit kernel from the Hugging Face hub (the `kernels` package). The course is offline and its 4-bit code
+# needs no such kernel: the line would only be noise in every chapter that imports peft.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
+
 # Importing a method's module registers it (registry.py): these imports are the list of the course's methods.
 from .bottleneck import BnConfig, BottleneckAdapter, DoubleSeqBnConfig, MAMConfig, ParBnConfig, SeqBnConfig
 from .config import ConfigUnion, PeftConfig

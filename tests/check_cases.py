@@ -3,8 +3,9 @@
 from cases_adapters import ADAPTERS
 from cases_dora import DORA
 from cases_lora import LORA, GoodLoRA
+from cases_memory import MEMORY
 from cases_prompt_methods import PROMPT_METHODS
 
-CHAPTERS = {chapter.name: chapter for chapter in (LORA, DORA, ADAPTERS, PROMPT_METHODS)}
+CHAPTERS = {chapter.name: chapter for chapter in (LORA, DORA, ADAPTERS, PROMPT_METHODS, MEMORY)}
 
 __all__ = ["CHAPTERS", "GoodLoRA"]
