@@ -90,7 +90,7 @@ def evaluate_accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.
 def train(model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoader | None = None, *,
           epochs: int = 1, lr: float = 1e-3, weight_decay: float = 0.0, max_steps: int | None = None,
           device: torch.device | None = None, seed: int = 0, progress: bool | None = None,
-          evaluate=None) -> list[dict]:
+          evaluate=None, lr_schedule: str = "constant", print_summary: bool = True) -> list[dict]:
     """Train the parameters that require grad with AdamW; evaluate after each epoch.
 
     Returns one dict per epoch: ``epoch``, ``train_loss`` (mean over the epoch), ``steps``,
@@ -98,8 +98,14 @@ def train(model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoa
     ``evaluate(model, eval_loader, device)`` returns as a dict (default: ``{"accuracy": ...}``).
     The model's forward must return ``.loss`` when given ``labels``. ``progress`` shows a progress
     bar per epoch (default: on, unless the environment sets ``PEFT_EDU_PROGRESS=0``, as the book
-    build does); a one-line summary per epoch is printed either way.
+    build does); a one-line summary per epoch is printed unless ``print_summary=False`` (the history
+    holds the same numbers). ``lr_schedule="linear"`` decays the learning rate linearly from ``lr``
+    to zero over the run, as transformers' ``Trainer`` does by default (without warm-up); in a short
+    run it keeps the last steps small, so the final model depends less on its last few batches.
+    The default, ``"constant"``, keeps ``lr`` throughout.
     """
+    if lr_schedule not in ("constant", "linear"):
+        raise ValueError(f"lr_schedule={lr_schedule!r}: use 'constant' (lr throughout) or 'linear' (lr decaying to 0).")
     if progress is None:
         progress = os.environ.get("PEFT_EDU_PROGRESS", "1") != "0"
     evaluate = evaluate or (lambda m, loader, d: {"accuracy": evaluate_accuracy(m, loader, d)})
@@ -110,6 +116,10 @@ def train(model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoa
     if not params:
         raise ValueError("No parameter requires grad: nothing to train. Did you freeze everything, or forget get_peft_model?")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = None
+    if lr_schedule == "linear":
+        total_steps = epochs * len(train_loader) if max_steps is None else min(max_steps, epochs * len(train_loader))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1 - done / total_steps)
     history, step = [], 0
     for epoch in range(1, epochs + 1):
         start, losses = time.perf_counter(), []
@@ -120,6 +130,8 @@ def train(model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoa
                 loss = model(**batch).loss
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -134,7 +146,8 @@ def train(model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoa
             record.update(evaluate(model, eval_loader, device))
         history.append(record)
         metrics = "".join(f", {k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "train_loss", "steps", "seconds"))
-        print(f"epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f}{metrics} ({record['seconds']:.1f} s)")
+        if print_summary:
+            print(f"epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f}{metrics} ({record['seconds']:.1f} s)")
         if max_steps is not None and step >= max_steps:
             break
     model.eval()

@@ -18,6 +18,7 @@ LORA_GENERIC = {
     "q2": r"does not equal x W0ᵀ \+ \(alpha/r\)",
     "q3": r"does not return W0 \+ \(alpha/r\)",
     "q4": r"output differs from base\(x\) \+ \(alpha/r\)",
+    "q5": r"does not return s·\(B - lr·∂L/∂B\)\(A - lr·∂L/∂A\)",
 }
 
 
@@ -106,6 +107,85 @@ class ForgotSuperInit(nn.Module):
         self.A = nn.Parameter(torch.zeros(r, base.in_features))
 
 
+# --- q5: one gradient step (each wrong answer changes one thing in a correct step) ---------------
+def _gradients(x, grad_h, A, B, alpha, r):
+    s = alpha / r
+    return s * B.T @ grad_h.T @ x, s * grad_h.T @ (x @ A.T)
+
+
+def step_only_B(x, grad_h, A, B, alpha, r, lr):
+    _, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    return (alpha / r) * (B - lr * grad_B) @ A
+
+
+def step_only_A(x, grad_h, A, B, alpha, r, lr):
+    grad_A, _ = _gradients(x, grad_h, A, B, alpha, r)
+    return (alpha / r) * B @ (A - lr * grad_A)
+
+
+def step_B_then_A(x, grad_h, A, B, alpha, r, lr):
+    """Updates B first, then takes A's gradient at the new B."""
+    _, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    new_B = B - lr * grad_B
+    grad_A, _ = _gradients(x, grad_h, A, new_B, alpha, r)
+    return (alpha / r) * new_B @ (A - lr * grad_A)
+
+
+def step_first_order(x, grad_h, A, B, alpha, r, lr):
+    grad_A, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    return (alpha / r) * (B @ A - lr * grad_B @ A - lr * B @ grad_A)
+
+
+def step_unscaled_gradients(x, grad_h, A, B, alpha, r, lr):
+    s = alpha / r
+    return s * (B - lr * grad_h.T @ (x @ A.T)) @ (A - lr * B.T @ grad_h.T @ x)
+
+
+def step_unscaled_delta(x, grad_h, A, B, alpha, r, lr):
+    grad_A, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    return (B - lr * grad_B) @ (A - lr * grad_A)
+
+
+def step_ascent(x, grad_h, A, B, alpha, r, lr):
+    grad_A, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    return (alpha / r) * (B + lr * grad_B) @ (A + lr * grad_A)
+
+
+def step_full_fine_tuning(x, grad_h, A, B, alpha, r, lr):
+    return (alpha / r) * B @ A - lr * grad_h.T @ x
+
+
+def step_mean_over_rows(x, grad_h, A, B, alpha, r, lr):
+    grad_A, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    return (alpha / r) * (B - lr * grad_B / len(x)) @ (A - lr * grad_A / len(x))
+
+
+def step_in_place(x, grad_h, A, B, alpha, r, lr):
+    grad_A, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    A -= lr * grad_A
+    B -= lr * grad_B
+    return (alpha / r) * B @ A
+
+
+def step_in_float32(x, grad_h, A, B, alpha, r, lr):
+    x, grad_h, A, B = x.float(), grad_h.float(), A.float(), B.float()
+    grad_A, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    return (alpha / r) * (B - lr * grad_B) @ (A - lr * grad_A)
+
+
+def step_transposed(x, grad_h, A, B, alpha, r, lr):
+    grad_A, grad_B = _gradients(x, grad_h, A, B, alpha, r)
+    return ((alpha / r) * (B - lr * grad_B) @ (A - lr * grad_A)).T
+
+
+def step_loss_ignores_grad_h(x, grad_h, A, B, alpha, r, lr):
+    """Autograd on the sum of h, as if ∂L/∂h were all ones."""
+    A, B = A.clone().requires_grad_(), B.clone().requires_grad_()
+    (x @ ((alpha / r) * B @ A).T).sum().backward()
+    with torch.no_grad():
+        return (alpha / r) * (B - lr * B.grad) @ (A - lr * A.grad)
+
+
 LORA = Chapter(
     name="lora",
     questions={
@@ -113,6 +193,7 @@ LORA = Chapter(
         "q2": ("lora_forward", checks.check_lora_forward),
         "q3": ("merge_weight", checks.check_merge_weight),
         "q4": ("MyLoRALinear", checks.check_lora_module),
+        "q5": ("delta_weight_after_step", checks.check_delta_after_step),
     },
     stub_must_not_contain=("alpha / r", "d_in + d_out"),
     stub_feedback=r"not implemented yet|still the blank `\.\.\.`",
@@ -190,6 +271,23 @@ LORA = Chapter(
             ("plain-tensors-not-Parameters", q4_wrong("PlainTensors", make_factors=_plain_tensors),
              r"`self.A` is a Tensor, not an nn.Parameter"),
             ("not-an-nn-Module", NotAModule, r"should be an nn.Module"),
+        ],
+        "q5": [
+            ("only-B-moves", step_only_B, r"You moved B but not A"),
+            ("only-A-moves", step_only_A, r"You moved A but not B"),
+            ("A-gradient-at-the-new-B", step_B_then_A, r"computed A's gradient with B already updated"),
+            ("first-order-only", step_first_order, r"dropped the lr² term"),
+            ("gradients-without-s", step_unscaled_gradients, r"gradients miss the factor s = alpha / r"),
+            ("delta-without-s", step_unscaled_delta, r"returned B'A' without s"),
+            ("gradient-ascent", step_ascent, r"moved up the gradient"),
+            ("before-the-step", lambda x, grad_h, A, B, alpha, r, lr: (alpha / r) * B @ A, r"ΔW = s·B A before the step"),
+            ("full-fine-tuning-step", step_full_fine_tuning, r"stepped on W directly"),
+            ("mean-over-rows", step_mean_over_rows, r"averaged over the rows of x"),
+            ("updates-in-place", step_in_place, r"changed A, B in place"),
+            ("computes-in-float32", step_in_float32, r"With torch.float64 inputs you return torch.float32"),
+            ("transposed", step_transposed, r"ΔW should have the layer's weight shape \(d_out, d_in\)"),
+            ("ignores-grad_h", step_loss_ignores_grad_h, LORA_GENERIC["q5"]),
+            ("returns-a-list", lambda *args: (step_ascent(*args)).tolist(), r"should return a tensor, it returned list"),
         ],
     },
     crashes=[

@@ -67,8 +67,8 @@ def test_lora_solutions_score_full_marks_and_the_stub_zero(built, tmp_path):
     zip_path = built / "lora" / "lora-autograder.zip"
     solved = otter_grade(zip_path, built / "lora" / "autograder" / "lora.ipynb", tmp_path / "solved")
     blank = otter_grade(zip_path, built / "lora" / "student" / "lora.ipynb", tmp_path / "blank")
-    assert solved == {"q1": 1.0, "q2": 2.0, "q3": 1.0, "q4": 2.0}
-    assert blank == {"q1": 0, "q2": 0, "q3": 0, "q4": 0}
+    assert solved == {"q1": 1.0, "q2": 2.0, "q3": 1.0, "q4": 2.0, "q5": 2.0}
+    assert blank == {"q1": 0, "q2": 0, "q3": 0, "q4": 0, "q5": 0}
 
 
 def test_lora_wrong_answers_lose_their_points(built, tmp_path):
@@ -86,7 +86,7 @@ def test_lora_wrong_answers_lose_their_points(built, tmp_path):
     submission = tmp_path / "lora.ipynb"
     nbformat.write(student, submission)
     scores = otter_grade(built / "lora" / "lora-autograder.zip", submission, tmp_path / "graded")
-    assert scores == {"q1": 1.0, "q2": 0, "q3": 1.0, "q4": 0}
+    assert scores == {"q1": 1.0, "q2": 0, "q3": 1.0, "q4": 0, "q5": 0}
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

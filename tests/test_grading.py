@@ -19,7 +19,7 @@ from peft_edu.grading import questions_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = ROOT / "notebooks" / "lora.ipynb"
-FULL = {"q1": 1.0, "q2": 2.0, "q3": 1.0, "q4": 2.0}
+FULL = {"q1": 1.0, "q2": 2.0, "q3": 1.0, "q4": 2.0, "q5": 2.0}
 
 RIGHT = {
     "q1": "def lora_param_count(d_in, d_out, r):\n    return r * (d_in + d_out)",
@@ -31,6 +31,9 @@ RIGHT = {
            "        self.A = nn.Parameter(torch.empty(r, d_in))\n        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))\n"
            "        self.B = nn.Parameter(torch.zeros(d_out, r))\n        self.scaling = alpha / r\n\n"
            "    def forward(self, x):\n        return self.base(x) + self.scaling * (x @ self.A.T @ self.B.T)"),
+    "q5": ("def delta_weight_after_step(x, grad_h, A, B, alpha, r, lr):\n    s = alpha / r\n"
+           "    grad_A, grad_B = s * B.T @ grad_h.T @ x, s * grad_h.T @ (x @ A.T)\n"
+           "    return s * (B - lr * grad_B) @ (A - lr * grad_A)"),
 }
 WRONG_FORWARD = "def lora_forward(x, W0, A, B, alpha, r):\n    return x @ W0.T + alpha * (x @ A.T @ B.T)"
 
@@ -48,7 +51,8 @@ def grade(tmp_path: Path, notebooks: dict, **limits) -> dict[str, dict[str, floa
 def test_questions_come_from_the_master_notebook():
     questions = questions_of(MASTER)
     assert [(q.name, q.points, q.answer) for q in questions] == [
-        ("q1", 1.0, "lora_param_count"), ("q2", 2.0, "lora_forward"), ("q3", 1.0, "merge_weight"), ("q4", 2.0, "MyLoRALinear")]
+        ("q1", 1.0, "lora_param_count"), ("q2", 2.0, "lora_forward"), ("q3", 1.0, "merge_weight"), ("q4", 2.0, "MyLoRALinear"),
+        ("q5", 2.0, "delta_weight_after_step")]
 
 
 def test_right_blank_wrong_and_corrupt_submissions(tmp_path):

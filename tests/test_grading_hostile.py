@@ -31,7 +31,7 @@ from peft_edu.sandbox import Limits
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = ROOT / "notebooks" / "lora.ipynb"
 Q1 = "def lora_param_count(d_in, d_out, r):\n    return r * (d_in + d_out)"
-EARNS = {"q1": 1.0, "q2": 0.0, "q3": 0.0, "q4": 0.0}  # the one real answer
+EARNS = {"q1": 1.0, "q2": 0.0, "q3": 0.0, "q4": 0.0, "q5": 0.0}  # the one real answer
 NOTHING = dict.fromkeys(EARNS, 0.0)
 LIMITS = Limits(memory="1200M", processes=64, disk="32M", shm="8M", log_bytes=50_000, message_bytes=4 * 2**20)
 OTHER_MARKER = "other-student-" + "7f3a9c"  # in another submission's source, never printed
@@ -319,7 +319,7 @@ def test_every_submission_gets_a_row_and_its_own_feedback(mass_run):
     assert set(scores) == expected
     assert all(set(s) == set(EARNS) for s in scores.values())
     assert scores["a/b"] == EARNS and scores["a__b"] == NOTHING
-    assert feedback["a%2Fb.md"].startswith("# a/b: 1 / 6") and feedback["a__b.md"].startswith("# a__b: 0 / 6")
+    assert feedback["a%2Fb.md"].startswith("# a/b: 1 / 8") and feedback["a__b.md"].startswith("# a__b: 0 / 8")
     assert "caf%E9.md" in feedback
     assert not [name for name in os.listdir(out / "feedback") if name.startswith(".")]  # no partial file left
 
@@ -476,7 +476,7 @@ def test_a_grader_crash_keeps_every_row_graded_before_it(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         grade_folder(MASTER, folder, tmp_path / "out")
     scores = _gradebook(tmp_path / "out")
-    assert scores == {"a": {"q1": 1.0, "q2": 2.0, "q3": 1.0, "q4": 2.0}, "b": NOTHING}
+    assert scores == {"a": {"q1": 1.0, "q2": 2.0, "q3": 1.0, "q4": 2.0, "q5": 2.0}, "b": NOTHING}
     assert "The grader failed on this submission" in (tmp_path / "out" / "feedback" / "b.md").read_text()
 
 

@@ -104,3 +104,51 @@ def _tiny_tokenizer(vocab):
     with open(path, "w") as f:
         f.write("\n".join(vocab) + "\n")
     return BertTokenizerFast(path)
+
+
+# --- the learning-rate schedule and the summary line -------------------------------------------------
+def _learning_rates_of_each_step(monkeypatch, **kwargs) -> list[float]:
+    seen, step = [], torch.optim.AdamW.step
+
+    def recording(self, *args, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    train(tiny_model(), tiny_task(), epochs=2, lr=1e-2, device=torch.device("cpu"), progress=False,
+          print_summary=False, **kwargs)
+    return seen
+
+
+def test_linear_schedule_decays_the_learning_rate_to_zero(monkeypatch):
+    """Step t (0-based) of T uses lr·(1 - t/T), as transformers' Trainer does without warm-up."""
+    total = 2 * len(tiny_task())
+    assert _learning_rates_of_each_step(monkeypatch, lr_schedule="linear") == pytest.approx(
+        [1e-2 * (1 - t / total) for t in range(total)])
+    assert _learning_rates_of_each_step(monkeypatch, lr_schedule="linear", max_steps=3)[-1] == pytest.approx(1e-2 / 3)
+
+
+def test_constant_schedule_keeps_the_learning_rate(monkeypatch):
+    assert set(_learning_rates_of_each_step(monkeypatch)) == {1e-2}
+
+
+def test_constant_schedule_is_the_default():
+    runs = []
+    for kwargs in ({}, {"lr_schedule": "constant"}):
+        model = tiny_model()
+        train(model, tiny_task(), epochs=1, lr=1e-2, device=torch.device("cpu"), progress=False, **kwargs)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_unknown_schedule_is_an_error_naming_the_choices():
+    with pytest.raises(ValueError, match=r"lr_schedule='cosine'.*'constant'.*'linear'"):
+        train(tiny_model(), tiny_task(), lr_schedule="cosine", device=torch.device("cpu"), progress=False)
+
+
+def test_print_summary_false_prints_nothing(capsys):
+    history = train(tiny_model(), tiny_task(), epochs=2, lr=1e-3, device=torch.device("cpu"), progress=False,
+                    print_summary=False)
+    assert capsys.readouterr().out == "" and len(history) == 2
+    train(tiny_model(), tiny_task(), epochs=1, lr=1e-3, device=torch.device("cpu"), progress=False)
+    assert "epoch 1/1: train loss" in capsys.readouterr().out

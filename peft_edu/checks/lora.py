@@ -1,5 +1,5 @@
 """The LoRA chapter's exercise checks (``notebooks/lora.ipynb``): the trainable parameter count, the forward
-pass, merging, and a LoRA module.
+pass, merging, a LoRA module, and one gradient step from an initialisation.
 
 Each exercise is its ``request``, ``probe`` and ``judge`` (see ``peft_edu.checks``), bound once into an
 ``Exercise`` whose variable is the name the notebook's tests call.
@@ -258,3 +258,129 @@ def _module_judge(q: dict, observed: dict) -> None:
 check_lora_module = Exercise(
     "class", _module_request, _module_probe, _module_judge,
     doc="``lora_linear_class(base: nn.Linear, r, alpha)`` must behave like ``peft_edu.LoraLinear``.")
+
+
+# --- LoRA chapter: one gradient step from an initialisation ------------------------------------
+# The cases, judged in this order: with A and B both random every mistake below gives a different ΔW.
+_STEP_INITS = ("A and B random", "A random, B = 0", "A = 0, B random", "A = 0, B = 0")
+
+
+def _step_request(seed: int) -> dict:
+    """Four layers, one per initialisation, each of its own shape (so that no two cases share shapes) and dtype."""
+    g = torch.Generator().manual_seed(seed)
+    d_in = int(torch.randint(5, 12, (1,), generator=g))
+    d_out = d_in + int(torch.randint(1, 6, (1,), generator=g))  # never square: a transpose cannot pass by accident
+    r, rows = int(torch.randint(2, 5, (1,), generator=g)), int(torch.randint(3, 7, (1,), generator=g))
+    cases = []
+    for i, init in enumerate(_STEP_INITS):
+        dtype = torch.float64 if (seed + i) % 2 else torch.float32
+        n = rows + i
+
+        def draw(*shape):
+            return (0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+        A, B = draw(r, d_in), draw(d_out + i, r)
+        if init.startswith("A = 0"):
+            A = torch.zeros_like(A)
+        if init.endswith("B = 0"):
+            B = torch.zeros_like(B)
+        cases.append({"init": init, "x": draw(n, d_in), "grad_h": draw(n, d_out + i), "A": A, "B": B,
+                      "alpha": float(2 * r), "r": r, "lr": 0.05})
+    return {"cases": cases}
+
+
+def _step_probe(delta_weight_after_step, request: dict) -> dict:
+    observed = _answer_kind(delta_weight_after_step)
+    if observed["callable"]:
+        observed["calls"] = []
+        for case in request["cases"]:
+            inputs = {name: case[name].clone() for name in ("x", "grad_h", "A", "B")}
+            call = _run(delta_weight_after_step, inputs["x"], inputs["grad_h"], inputs["A"], inputs["B"],
+                        case["alpha"], case["r"], case["lr"])
+            call["changed"] = [name for name, value in inputs.items() if not torch.equal(value, case[name])]
+            observed["calls"].append(call)
+    return observed
+
+
+def _step_variants(case: dict) -> dict[str, torch.Tensor]:
+    """The right ΔW after the step ("right") and what recognisable mistakes give instead, in float64."""
+    x, g, A, B = (case[name].double() for name in ("x", "grad_h", "A", "B"))
+    s, lr = case["alpha"] / case["r"], case["lr"]
+    grad_A, grad_B = s * B.T @ g.T @ x, s * g.T @ (x @ A.T)  # summed over the rows of x
+    new_A, new_B = A - lr * grad_A, B - lr * grad_B
+    return {
+        "right": s * new_B @ new_A,
+        "only B moved": s * new_B @ A,
+        "only A moved": s * B @ new_A,
+        "A's gradient at the new B": s * new_B @ (A - lr * s * new_B.T @ g.T @ x),
+        "B's gradient at the new A": s * (B - lr * s * g.T @ (x @ new_A.T)) @ new_A,
+        "first order only": s * (B @ A - lr * grad_B @ A - lr * B @ grad_A),
+        "gradients without the scaling": s * (B - lr * grad_B / s) @ (A - lr * grad_A / s),
+        "no scaling of ΔW": new_B @ new_A,
+        "gradient ascent": s * (B + lr * grad_B) @ (A + lr * grad_A),
+        "ΔW before the step": s * B @ A,
+        "full fine-tuning's step": s * B @ A - lr * g.T @ x,
+        "mean over the rows": s * (B - lr * grad_B / len(x)) @ (A - lr * grad_A / len(x)),
+    }
+
+
+_STEP_FEEDBACK = {
+    "only B moved": "You moved B but not A. A moves too, by -lr·∂L/∂A = -lr·s·Bᵀ(∂L/∂h)ᵀx: zero while B = 0, but not "
+                    "once B ≠ 0 (this case has B random).",
+    "only A moved": "You moved A but not B. B moves by -lr·∂L/∂B = -lr·s·(∂L/∂h)ᵀ(x Aᵀ), which is not zero when A ≠ 0.",
+    "A's gradient at the new B": "You computed A's gradient with B already updated. One step takes both gradients at the "
+                                 "old A and B, then moves both.",
+    "B's gradient at the new A": "You computed B's gradient with A already updated. One step takes both gradients at the "
+                                 "old A and B, then moves both.",
+    "first order only": "You dropped the lr² term: (B - lr·g_B)(A - lr·g_A) has four terms, and ΔW after the step is "
+                        "exactly s times that product.",
+    "gradients without the scaling": "Your gradients miss the factor s = alpha / r: h = W₀x + s·B A x, so both "
+                                     "∂L/∂A and ∂L/∂B carry s.",
+    "no scaling of ΔW": "ΔW after the step is s·B'A' with s = alpha / r; you returned B'A' without s.",
+    "gradient ascent": "You moved up the gradient (+lr·∂L/∂A); gradient descent subtracts it.",
+    "ΔW before the step": "You returned ΔW = s·B A before the step: A and B first move by -lr times their gradients.",
+    "full fine-tuning's step": "You stepped on W directly (ΔW - lr·(∂L/∂h)ᵀx, full fine-tuning's step). LoRA can only "
+                               "move A and B, so ΔW changes to s·B'A'.",
+    "mean over the rows": "You averaged over the rows of x; ∂L/∂A and ∂L/∂B are sums over the rows (each row is one "
+                          "input vector of the same layer).",
+}
+
+
+def _near(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    got, want = got.double(), want.double()
+    return got.shape == want.shape and bool((got - want).norm() <= tolerance * (want.norm() + 1.0))
+
+
+def _step_judge(request: dict, observed: dict) -> None:
+    """``delta_weight_after_step(x, grad_h, A, B, alpha, r, lr)``: s·(B - lr·∂L/∂B)(A - lr·∂L/∂A), s = alpha/r."""
+    _require_callable(observed, "delta_weight_after_step")
+    for case, call in zip(request["cases"], observed["calls"]):
+        got = _value_of(call, "delta_weight_after_step")
+        where = f"(in the case {case['init']}: x of shape {tuple(case['x'].shape)}, r={case['r']}, {case['x'].dtype})"
+        if call["changed"]:
+            _fail(f"delta_weight_after_step changed {', '.join(call['changed'])} in place {where}; compute new tensors "
+                  "(A - lr * grad_A) and leave the caller's inputs as they were.")
+        if not isinstance(got, torch.Tensor):
+            _fail(f"delta_weight_after_step should return a tensor, it returned "
+                  f"{got.get('type') if isinstance(got, dict) else type(got).__name__}.")
+        d_out, d_in = case["grad_h"].shape[1], case["x"].shape[1]
+        if tuple(got.shape) != (d_out, d_in):
+            _fail(f"ΔW should have the layer's weight shape (d_out, d_in) = {(d_out, d_in)}; yours is {tuple(got.shape)} "
+                  f"{where}.")
+        if got.dtype != case["x"].dtype:
+            _fail(f"With {case['x'].dtype} inputs you return {got.dtype} {where}: compute in the inputs' dtype.")
+        variants = _step_variants(case)
+        if _near(got, variants["right"], got.dtype):
+            continue
+        for mistake, message in _STEP_FEEDBACK.items():
+            if _near(got, variants[mistake], got.dtype):
+                _fail(f"{message} {where}")
+        _fail(f"delta_weight_after_step does not return s·(B - lr·∂L/∂B)(A - lr·∂L/∂A) {where}. The gradients, "
+              "summed over the rows of x, are ∂L/∂A = s·Bᵀ(∂L/∂h)ᵀx (r × d_in) and ∂L/∂B = s·(∂L/∂h)ᵀ(x Aᵀ) (d_out × r).")
+
+
+check_delta_after_step = Exercise(
+    "function", _step_request, _step_probe, _step_judge,
+    doc="``delta_weight_after_step(x, grad_h, A, B, alpha, r, lr)`` must return ΔW = s·B'A' after one gradient-descent "
+        "step on A and B (s = alpha / r), both gradients taken at the old A and B, the inputs left unchanged.")
