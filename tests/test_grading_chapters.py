@@ -14,27 +14,46 @@ from grading_helpers import grade, needs_bwrap, submission
 from peft_edu.grading import questions_of
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = {"q1": 1.0, "q2": 2.0, "q3": 2.0}
 
-# chapter -> the answer names of its questions, right answers, one wrong answer per question, and a phrase of the
+# the adapters chapter's q4: the cell's adapter, with its initialisation lines
+IDENTITY_INIT_ADAPTER = """from torch import nn
+
+
+class IdentityInitAdapter(nn.Module):
+    def __init__(self, d, m):
+        super().__init__()
+        self.down = nn.Linear(d, m)
+        self.up = nn.Linear(m, d)
+        {init}
+
+    def forward(self, h):
+        return h + self.up(torch.relu(self.down(h)))
+"""
+
+# chapter -> the points of its questions, the answer names of its questions, right answers, one wrong answer per question, and a phrase of the
 # feedback each wrong answer must get
 CHAPTERS = {
     "adapters": {
-        "answers": ["bottleneck_params", "adapter_forward", "ia3_scale_ffn"],
+        "points": {"q1": 1.0, "q2": 2.0, "q3": 2.0, "q4": 2.0},
+        "answers": ["bottleneck_params", "adapter_forward", "ia3_scale_ffn", "IdentityInitAdapter"],
         "right": {
             "q1": "def bottleneck_params(d, reduction_factor):\n    m = d // reduction_factor\n    return 2 * d * m + m + d",
             "q2": ("def adapter_forward(h, W_down, b_down, W_up, b_up):\n"
                    "    return h + torch.relu(h @ W_down.T + b_down) @ W_up.T + b_up"),
             "q3": "def ia3_scale_ffn(x, W, b, l):\n    return (x * l) @ W.T + b",
+            "q4": IDENTITY_INIT_ADAPTER.format(init="nn.init.zeros_(self.up.weight)\n        nn.init.zeros_(self.up.bias)"),
         },
         "wrong": {
             "q1": "def bottleneck_params(d, reduction_factor):\n    return 2 * d * (d // reduction_factor)",
             "q2": "def adapter_forward(h, W_down, b_down, W_up, b_up):\n    return torch.relu(h @ W_down.T + b_down) @ W_up.T + b_up",
             "q3": "def ia3_scale_ffn(x, W, b, l):\n    return (x @ W.T + b) * l",
+            "q4": IDENTITY_INIT_ADAPTER.format(init="for p in self.parameters():\n            nn.init.zeros_(p)"),
         },
-        "feedback": ["the two weight matrices only", "residual (skip) connection", "scaled the layer's output"],
+        "feedback": ["the two weight matrices only", "residual (skip) connection", "scaled the layer's output",
+                     "it can never learn"],
     },
     "dora": {
+        "points": {"q1": 1.0, "q2": 2.0, "q3": 2.0},
         "answers": ["weight_norm", "dora_weight", "dora_forward"],
         "right": {
             "q1": "def weight_norm(W):\n    return (W * W).sum(dim=1).sqrt()",
@@ -62,23 +81,24 @@ def master(chapter: str) -> Path:
 
 
 def test_questions_come_from_the_master_notebook(chapter):
+    points = CHAPTERS[chapter]["points"]
     assert [(q.name, q.points, q.answer) for q in questions_of(master(chapter))] == [
-        (q, points, answer) for (q, points), answer in zip(FULL.items(), CHAPTERS[chapter]["answers"])]
+        (q, p, answer) for (q, p), answer in zip(points.items(), CHAPTERS[chapter]["answers"])]
 
 
 def test_right_blank_wrong_and_corrupt_submissions(chapter, tmp_path):
     case, notebook = CHAPTERS[chapter], master(chapter)
-    right, wrong = case["right"], case["wrong"]
+    right, wrong, full = case["right"], case["wrong"], case["points"]
     scores = grade(tmp_path, notebook, {
         "right": submission(notebook, right), "blank": submission(notebook, {}),
         **{f"wrong_{q}": submission(notebook, right | {q: answer}) for q, answer in wrong.items()},
         "corrupt": '{"cells": [ this is not json',
     })
-    assert scores["right"] == FULL
-    assert scores["blank"] == dict.fromkeys(FULL, 0.0)
-    assert scores["corrupt"] == dict.fromkeys(FULL, 0.0)
+    assert scores["right"] == full
+    assert scores["blank"] == dict.fromkeys(full, 0.0)
+    assert scores["corrupt"] == dict.fromkeys(full, 0.0)
     for q in wrong:
-        assert scores[f"wrong_{q}"] == FULL | {q: 0.0}
+        assert scores[f"wrong_{q}"] == full | {q: 0.0}
     feedback = tmp_path / "out" / "feedback"
     for q, phrase in zip(wrong, case["feedback"]):
         assert phrase in (feedback / f"wrong_{q}.md").read_text()
