@@ -44,14 +44,37 @@ def _forward_no_grad(x, W0, A, B, m, alpha, r):
         return x @ (m[:, None] * V / _rows(V)).T
 
 
+def _along(V, G, norm=_rows):
+    unit = V / norm(V)
+    return (G * unit).sum(dim=1 if norm is _rows else 0, keepdim=True) * unit
+
+
+def _through_norm_by_autograd(V, m, G, cast=None):
+    """The experiment done right (autograd twice, exact minus detached), optionally in another dtype."""
+    grads = []
+    for detach in (False, True):
+        leaf = (V if cast is None else V.to(cast)).clone().requires_grad_(True)
+        norm = _rows(leaf)
+        weight = m.to(leaf.dtype)[:, None] * leaf / (norm.detach() if detach else norm)
+        (weight * G.to(leaf.dtype)).sum().backward()
+        grads.append(leaf.grad)
+    return grads[0] - grads[1]
+
+
+def _through_norm_in_place(V, m, G):
+    V /= _rows(V)  # the unit direction, written over the caller's V
+    return -(m[:, None] / _rows(V)) * (G * V).sum(dim=1, keepdim=True) * V
+
+
 DORA = Chapter(
     name="dora",
     questions={
         "q1": ("weight_norm", checks.check_weight_norm),
         "q2": ("dora_weight", checks.check_dora_weight),
         "q3": ("dora_forward", checks.check_dora_forward),
+        "q4": ("gradient_through_norm", checks.check_gradient_through_norm),
     },
-    stub_must_not_contain=("vector_norm", "alpha / r"),
+    stub_must_not_contain=("vector_norm", "alpha / r", "backward"),
     stub_feedback=r"not implemented yet",
     wrong={
         "q1": [
@@ -103,6 +126,21 @@ DORA = Chapter(
              r"dora_forward raised RuntimeError"),
             ("A-detached", _forward_detaches_A, r"No gradient reaches A: .*no \.detach\(\)"),
             ("under-no-grad", _forward_no_grad, r"No gradient reaches A, B, m"),
+        ],
+        "q4": [
+            ("nothing-changes", lambda V, m, G: torch.zeros_like(V), r"zeros, as if detaching changed nothing"),
+            ("detached-minus-exact", lambda V, m, G: (m[:, None] / _rows(V)) * _along(V, G), r"wrong sign"),
+            ("the-detached-gradient", lambda V, m, G: (m[:, None] / _rows(V)) * G, r"detached gradient \(m/‖V‖\)·G"),
+            ("the-exact-gradient", lambda V, m, G: (m[:, None] / _rows(V)) * (G - _along(V, G)),
+             r"whole exact gradient"),
+            ("no-scale", lambda V, m, G: -_along(V, G), r"factor m/‖V‖ .* is missing"),
+            ("on-V-not-unit", lambda V, m, G: -(m[:, None] / _rows(V)) * (G * V).sum(dim=1, keepdim=True) * V,
+             r"unit direction V/‖V‖"),
+            ("wrong-axis", lambda V, m, G: -(m[:, None] / _rows(V)) * _along(V, G, norm=_cols), r"wrong axis"),
+            ("only-m-forgotten", lambda V, m, G: -_along(V, G) / _rows(V), r"is not the part of ∂L/∂V"),
+            ("computed-in-float32", lambda V, m, G: _through_norm_by_autograd(V, m, G, cast=torch.float32),
+             r"returned float32 for float64 inputs"),
+            ("in-place", _through_norm_in_place, r"changed V, m or G in place"),
         ],
     },
     fitted_by_hand=("q3",),  # a replayed output has no gradients: test_dora_q3_memorised_output_...

@@ -53,14 +53,16 @@ CHAPTERS = {
                      "it can never learn"],
     },
     "dora": {
-        "points": {"q1": 1.0, "q2": 2.0, "q3": 2.0},
-        "answers": ["weight_norm", "dora_weight", "dora_forward"],
+        "points": {"q1": 1.0, "q2": 2.0, "q3": 2.0, "q4": 2.0},
+        "answers": ["weight_norm", "dora_weight", "dora_forward", "gradient_through_norm"],
         "right": {
             "q1": "def weight_norm(W):\n    return (W * W).sum(dim=1).sqrt()",
             "q2": ("def dora_weight(W0, A, B, m, alpha, r):\n    V = W0 + alpha / r * B @ A\n"
                    "    return (m / V.norm(dim=1)).unsqueeze(1) * V"),
             "q3": ("def dora_forward(x, W0, A, B, m, alpha, r):\n    V = W0 + alpha / r * B @ A\n"
                    "    g = m / V.norm(dim=1).detach()\n    return (x @ V.T) * g"),
+            "q4": ("def gradient_through_norm(V, m, G):\n    n = V.norm(dim=1, keepdim=True)\n    u = V / n\n"
+                   "    return -(m[:, None] / n) * (G * u).sum(dim=1, keepdim=True) * u"),
         },
         "wrong": {
             "q1": "def weight_norm(W):\n    return W.norm(dim=0)",
@@ -68,8 +70,10 @@ CHAPTERS = {
                    "    return (m / V.norm(dim=1)).unsqueeze(1) * V"),
             "q3": ("def dora_forward(x, W0, A, B, m, alpha, r):\n    V = W0 + alpha / r * B @ A\n"
                    "    return (x @ V.T) * (m / V.norm(dim=1))"),
+            "q4": "def gradient_through_norm(V, m, G):\n    return torch.zeros_like(V)",
         },
-        "feedback": ["wrong axis", "missing its scaling alpha / r", "gradient flows through ‖V‖"],
+        "feedback": ["wrong axis", "missing its scaling alpha / r", "gradient flows through ‖V‖",
+                     "as if detaching changed nothing"],
     },
 }
 

@@ -1,5 +1,9 @@
 """The DoRA chapter's exercise checks (``notebooks/dora.ipynb``): the norm per output feature, the merged
-DoRA weight, and the forward pass with the norm detached.
+DoRA weight, the forward pass with the norm detached, and the part of the gradient that detaching drops.
+
+Every request draws its shapes from the seed (never square, so a norm over the wrong axis cannot pass by
+accident), and the dtype too: float32 for even seeds, float64 for odd ones (the hidden tests' seeds are
+odd), so an answer must compute in the dtype it is given (Exercise 4 has a layer of each dtype in every request).
 
 Each exercise is its ``request``, ``probe`` and ``judge`` (see ``peft_edu.checks``), bound once into an
 ``Exercise`` whose variable is the name the notebook's tests call.
@@ -9,14 +13,35 @@ from __future__ import annotations
 
 import torch
 
-from .core import Exercise, _answer_kind, _call, _capture, _close, _fail, _require_callable, _run, _value_of
+from .core import Exercise, _answer_kind, _call, _capture, _fail, _require_callable, _run, _value_of
+
+
+def _dtype(seed: int) -> torch.dtype:
+    return torch.float64 if seed % 2 else torch.float32
+
+
+def _randn(g, *shape, dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _close(a, b, atol=1e-5, rtol=1e-4) -> bool:
+    """``a`` equals ``b`` up to rounding, compared in float64 (either may be float32 or float64)."""
+    return (isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape == b.shape
+            and torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol))
+
+
+def _require_dtype(got: torch.Tensor, given: torch.Tensor, name: str) -> None:
+    if got.dtype != given.dtype:
+        _fail(f"{name} returned {str(got.dtype).removeprefix('torch.')} for {str(given.dtype).removeprefix('torch.')} "
+              "inputs: compute in the dtype you are given (no .float(), no new tensors of the default dtype).")
 
 
 # --- DoRA chapter: the norm per output feature --------------------------------------------------
 def _row_norm_request(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    d_out, d_in = 5 + seed % 3, 9  # not square: the wrong axis gives the wrong shape
-    return {"W": torch.randn(d_out, d_in, generator=g) * (1 + torch.rand(d_out, 1, generator=g))}
+    d_out, d_in = 5 + seed % 3, 9 + seed % 4  # never square: the wrong axis gives the wrong shape
+    dtype = _dtype(seed)
+    return {"W": _randn(g, d_out, d_in, dtype=dtype) * (1 + torch.rand(d_out, 1, generator=g)).to(dtype)}
 
 
 def _row_norm_probe(weight_norm, q: dict) -> dict:
@@ -35,6 +60,7 @@ def _row_norm_judge(q: dict, observed: dict) -> None:
     W = q["W"]
     want = torch.linalg.vector_norm(W, dim=1)
     if _close(got, want):
+        _require_dtype(got, W, "weight_norm")
         return
     if not isinstance(got, torch.Tensor):
         _fail(f"weight_norm should return a tensor, it returned {got.get('type') if isinstance(got, dict) else type(got).__name__}.")
@@ -64,10 +90,11 @@ check_weight_norm = Exercise(
 # --- DoRA chapter: the merged DoRA weight -------------------------------------------------------
 def _dora_weight_request(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    d_in, d_out, r = 11, 6, 2
-    W0 = torch.randn(d_out, d_in, generator=g)
-    return {"W0": W0, "A": torch.randn(r, d_in, generator=g) * 0.5, "B": torch.randn(d_out, r, generator=g) * 0.5,
-            "m": torch.linalg.vector_norm(W0, dim=1) * (0.5 + torch.rand(d_out, generator=g)), "alpha": 6.0, "r": r}
+    d_in, d_out, r, dtype = 11 + seed % 3, 6 + seed % 2, 2 + seed % 2, _dtype(seed)
+    W0 = _randn(g, d_out, d_in, dtype=dtype)
+    return {"W0": W0, "A": _randn(g, r, d_in, dtype=dtype) * 0.5, "B": _randn(g, d_out, r, dtype=dtype) * 0.5,
+            "m": torch.linalg.vector_norm(W0, dim=1) * (0.5 + torch.rand(d_out, generator=g)).to(dtype),
+            "alpha": 6.0, "r": r}
 
 
 def _dora_weight_probe(dora_weight, q: dict) -> dict:
@@ -93,6 +120,7 @@ def _dora_weight_judge(q: dict, observed: dict) -> None:
 
     V = W0 + (alpha / r) * (B @ A)
     if _close(got, m[:, None] * direction(alpha / r)):
+        _require_dtype(got, W0, "dora_weight")
         return
     if not isinstance(got, torch.Tensor) or got.shape != W0.shape:
         _fail(f"dora_weight should return a tensor of W0's shape {tuple(W0.shape)} (d_out, d_in).")
@@ -124,12 +152,13 @@ check_dora_weight = Exercise(
 # --- DoRA chapter: the forward pass, with the norm detached --------------------------------------
 def _dora_forward_request(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    d_in, d_out, r = 10, 7, 3
-    W0 = torch.randn(d_out, d_in, generator=g)
-    return {"x": torch.randn(2, 4, d_in, generator=g), "W0": W0, "A": torch.randn(r, d_in, generator=g) * 0.5,
-            "B": torch.randn(d_out, r, generator=g) * 0.5,
-            "m": torch.linalg.vector_norm(W0, dim=1) * (0.5 + torch.rand(d_out, generator=g)),
-            "alpha": 4.0, "r": r, "grad_out": torch.randn(2, 4, d_out, generator=g)}
+    d_in, d_out, r, dtype = 10 + seed % 3, 7 + seed % 2, 3 - seed % 2, _dtype(seed)
+    batch, tokens = 2 + seed % 2, 4 + seed % 3
+    W0 = _randn(g, d_out, d_in, dtype=dtype)
+    return {"x": _randn(g, batch, tokens, d_in, dtype=dtype), "W0": W0, "A": _randn(g, r, d_in, dtype=dtype) * 0.5,
+            "B": _randn(g, d_out, r, dtype=dtype) * 0.5,
+            "m": torch.linalg.vector_norm(W0, dim=1) * (0.5 + torch.rand(d_out, generator=g)).to(dtype),
+            "alpha": 4.0, "r": r, "grad_out": _randn(g, batch, tokens, d_out, dtype=dtype)}
 
 
 def _dora_forward_probe(dora_forward, q: dict) -> dict:
@@ -182,6 +211,7 @@ def _dora_forward_judge(q: dict, observed: dict) -> None:
             _fail("The magnitude m is missing: multiply each output feature by m.")
         _fail("dora_forward does not equal x W'ᵀ with W' = m ⊙ V / ‖V‖ (one norm per output feature), "
               "V = W0 + (alpha/r)·B A.")
+    _require_dtype(got, q["x"], "dora_forward")
     if "backward_error" in observed:
         _fail(f"Backward through your output raised {observed['backward_error']}")
     mine = observed["grads"]
@@ -203,3 +233,94 @@ def _dora_forward_judge(q: dict, observed: dict) -> None:
 check_dora_forward = Exercise(
     "function", _dora_forward_request, _dora_forward_probe, _dora_forward_judge,
     doc="``dora_forward(x, W0, A, B, m, alpha, r)``: x W'ᵀ with W' the DoRA weight; the norm is a constant in backward.")
+
+
+# --- DoRA chapter: what detaching the norm drops from the gradient -----------------------------
+def _through_norm_request(seed: int) -> dict:
+    """Two layers per seed, float32 and float64, not square, with magnitudes and row norms far from 1."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        d_out, d_in = (int(v) for v in torch.randint(3, 9, (2,), generator=g))
+        d_in += d_out  # never square: a norm over the wrong axis cannot pass by accident
+        V = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) * (0.5 + 2 * torch.rand(d_out, 1, generator=g, dtype=torch.float64))
+        m = 0.3 + 3 * torch.rand(d_out, generator=g, dtype=torch.float64)
+        G = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) + 0.8 * V  # rows partly along V: the term is not small
+        cases.append({"V": V.to(dtype), "m": m.to(dtype), "G": G.to(dtype)})
+    return {"cases": cases}
+
+
+def _through_norm_probe(gradient_through_norm, q: dict) -> dict:
+    observed = _answer_kind(gradient_through_norm)
+    if observed["callable"]:
+        observed["calls"] = []
+        for case in q["cases"]:
+            V, m, G = case["V"].clone(), case["m"].clone(), case["G"].clone()
+            call = _run(gradient_through_norm, V, m, G)
+            call["unchanged"] = torch.equal(V, case["V"]) and torch.equal(m, case["m"]) and torch.equal(G, case["G"])
+            observed["calls"].append(call)
+    return observed
+
+
+def _through_norm_terms(V, m, G, dim=1) -> dict:
+    """The exact ∂L/∂V of W' = m ⊙ V/‖V‖ for ∂L/∂W' = G, split into its two parts (in float64)."""
+    V, m, G = V.double(), m.double(), G.double()
+    norm = torch.linalg.vector_norm(V, dim=dim, keepdim=True)
+    unit = V / norm
+    scale = m[:, None] / torch.linalg.vector_norm(V, dim=1, keepdim=True)
+    along = (G * unit).sum(dim=dim, keepdim=True) * unit  # ⟨Gᵢ, v̂ᵢ⟩ v̂ᵢ: G's component along each row
+    return {"detached": scale * G, "through_norm": -scale * along, "along": along, "scale": scale,
+            "unnormalised": -scale * (G * V).sum(dim=dim, keepdim=True) * V}
+
+
+def _through_norm_judge(q: dict, observed: dict) -> None:
+    """``gradient_through_norm(V, m, G)``: the part of ∂L/∂V that flows through ‖V‖ (exact minus detached)."""
+    _require_callable(observed, "gradient_through_norm")
+    for case, call in zip(q["cases"], observed["calls"]):
+        V, m, G = case["V"], case["m"], case["G"]
+        got = _value_of(call, "gradient_through_norm")
+        where = f"For V of shape {tuple(V.shape)} ({str(V.dtype).removeprefix('torch.')})"
+        if not call["unchanged"]:
+            _fail(f"{where}, gradient_through_norm changed V, m or G in place; compute on copies (or out of place).")
+        terms = _through_norm_terms(V, m, G)
+        want = terms["through_norm"]
+
+        def matches(reference):  # up to rounding, relative to the largest entry (some entries are near zero)
+            return _close(got, reference, atol=1e-6 * float(reference.abs().max()))
+
+        if matches(want):
+            _require_dtype(got, V, "gradient_through_norm")
+            continue
+        if not isinstance(got, torch.Tensor):
+            _fail(f"gradient_through_norm should return a tensor, it returned "
+                  f"{got.get('type') if isinstance(got, dict) else type(got).__name__}.")
+        if got.shape != V.shape:
+            _fail(f"{where} the answer has V's shape {tuple(V.shape)} (one gradient entry per entry of V); "
+                  f"yours has {tuple(got.shape)}.")
+        if torch.count_nonzero(got) == 0:
+            _fail(f"{where} you return zeros, as if detaching changed nothing. The exact gradient also flows through "
+                  "‖V‖: differentiate W' = m ⊙ V/‖V‖ with the norm a function of V, and compare with the norm held fixed.")
+        if matches(-want):
+            _fail(f"{where} your answer has the wrong sign: return the exact gradient minus the detached one.")
+        if matches(terms["detached"]):
+            _fail(f"{where} you return the detached gradient (m/‖V‖)·G, what DoRA computes; the question is the part it "
+                  "drops: the exact gradient minus that.")
+        if matches(terms["detached"] + want):
+            _fail(f"{where} you return the whole exact gradient; return only its part through the norm "
+                  "(exact minus detached).")
+        if matches(-terms["along"]) or matches(terms["along"]):
+            _fail(f"{where} the direction is right, but the factor m/‖V‖ that scales every gradient reaching V is "
+                  "missing (W' = (m/‖V‖)·V, row by row).")
+        if matches(terms["unnormalised"]):
+            _fail(f"{where} you projected on the row V itself instead of its unit direction V/‖V‖: "
+                  "the result is ‖V‖² too large.")
+        if matches(_through_norm_terms(V, m, G, dim=0)["through_norm"]):
+            _fail(f"{where} you normalised over the wrong axis (columns); DoRA's norm is one per output feature, "
+                  "over d_in (each row of V).")
+        _fail(f"{where} gradient_through_norm(V, m, G) is not the part of ∂L/∂V that flows through ‖V‖. "
+              "Compute ∂L/∂V twice, with the norm as a function of V and with it detached, and subtract.")
+
+
+check_gradient_through_norm = Exercise(
+    "function", _through_norm_request, _through_norm_probe, _through_norm_judge,
+    doc="``gradient_through_norm(V, m, G)``: the part of ∂L/∂V that flows through ‖V‖ (exact minus detached).")
