@@ -82,6 +82,8 @@ class Linear4bit(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the dense weight this layer replaces
         if not isinstance(weight, NF4Weight) or len(weight.shape) != 2:
             raise TypeError("Linear4bit stores a 2-D NF4Weight: quantize_nf4 of an (out_features, in_features) weight.")
+        if weight.quant_type != "nf4":
+            raise ValueError(f"Linear4bit stores NF4 weights, not {weight.quant_type}: quantise with quantize_nf4.")
         compute_dtype = compute_dtype or weight.dtype
         if compute_dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"compute_dtype={compute_dtype}: one of float32, bfloat16, float16.")

@@ -38,6 +38,22 @@ of 65,536 evenly spaced points of [−1, 1] and takes the level nearest that poi
 (``_absmax_lookup_table``), so a value within half a step (1.5e-5) of a midpoint may get another level than
 the nearest, one at most 3e-5 farther from it.
 On a GPU, bitsandbytes' CUDA kernels compute the same format but are not checked here.
+
+**Two other 4-bit code books, for comparison** (the QLoRA paper compares NF4 with both, Table 2): the same blocks,
+absmax, packing and double quantisation, only the 16 levels differ (``quantize_4bit(weight, quant_type=...)``).
+
+* ``"fp4"``: bitsandbytes' 4-bit float, a sign bit, 2 exponent bits and 1 mantissa bit; the code is the bit
+  pattern. Its magnitudes are 0, 1/16 and 2^(4−e)·(1 + m/2) for exponent field e = 1…3 (2, 3, 4, 6, 8, 12), divided
+  by 12. Bit for bit with bitsandbytes' ``quantize_4bit(quant_type="fp4")`` on CPU, codes, absmax and weights.
+* ``"int4"``: symmetric integers, level q/7 for q = −7…7, stored as a two's-complement nibble (q mod 16). The code
+  −8 is never produced (it would need |w| > absmax), so 0 and ±absmax are levels and the grid is even.
+  bitsandbytes lists an "int4" table in ``get_4bit_type`` but cannot build it (0.50.2 raises on it) nor quantise
+  to it, so this one is checked against rounding w/absmax·7 to the nearest integer instead.
+
+FP4 and int4 each have 15 distinct levels (FP4 has +0 and −0; int4 never uses −8), NF4 has 16. Where a value
+is equally near two codes of the same level (FP4's two zeros), the rule is bitsandbytes': sort the levels (a
+stable sort, so +0 before −0), bucket by the midpoints, a value on a midpoint going to the lower. For FP4 that
+sends values in (0, 1/384] of the absmax to −0 and values in (−1/384, 0] to +0; both dequantise to 0.
 """
 
 from __future__ import annotations
@@ -78,19 +94,58 @@ def dynamic_levels() -> torch.Tensor:
     return torch.tensor(sorted(levels), dtype=torch.float32)
 
 
+def fp4_levels() -> torch.Tensor:
+    """bitsandbytes' 16 FP4 levels (float32, in code order: the code is the bit pattern sign·e₁e₀·m).
+
+    Exponent field e = 0 is subnormal: m/16 (0 or 1/16); e = 1…3 gives 2^(4−e)·(1 + m/2): 12, 8, 6, 4, 3, 2 for
+    the largest first. Divided by the largest, 12, the magnitudes are 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1.
+    """
+    levels = []
+    for code in range(16):
+        sign = -1.0 if code & 0b1000 else 1.0
+        exponent, mantissa = (code >> 1) & 0b11, code & 0b1
+        magnitude = mantissa / 16 if exponent == 0 else 2.0 ** (4 - exponent) * (1 + mantissa / 2)
+        levels.append(sign * magnitude)  # code 8 is −0.0, a second zero
+    levels = torch.tensor(levels, dtype=torch.float32)
+    return levels / levels.abs().max()
+
+
+def int4_levels() -> torch.Tensor:
+    """Symmetric 4-bit integers over 7 (float32, in code order): code c stands for q/7, q = c for c < 8 and c − 16
+    (two's complement) above; q = −8 lies outside [−1, 1] and is never the nearest level of a scaled value."""
+    codes = torch.arange(16)
+    return (torch.where(codes < 8, codes, codes - 16) / 7).float()
+
+
 NF4_LEVELS = nf4_levels()
+FP4_LEVELS = fp4_levels()
+INT4_LEVELS = int4_levels()
 DYNAMIC_LEVELS = dynamic_levels()
-# The two levels each of the 256 byte values stands for (high nibble first), side by side in one 8-byte word:
-# dequantising is then one 8-byte lookup per byte, not unpacking nibbles and a lookup per value (≈ 8× faster on CPU,
-# as fast as bitsandbytes' C kernel).
-_LEVEL_PAIR_WORDS = torch.stack([NF4_LEVELS[torch.arange(256) >> 4], NF4_LEVELS[torch.arange(256) & 0x0F]],
-                                dim=1).view(torch.int64).view(-1)
+CODE_BOOKS = {"nf4": NF4_LEVELS, "fp4": FP4_LEVELS, "int4": INT4_LEVELS}  # quant_type -> levels in code order
 
 
-def _nearest_nf4_index(scaled: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest NF4 level for values in [−1, 1]; a value exactly on a midpoint gets the lower one."""
-    levels = NF4_LEVELS.to(scaled.device)
-    return torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2, out_int32=True).to(torch.uint8)
+def _level_pair_words(levels: torch.Tensor) -> torch.Tensor:
+    """The two levels each of the 256 byte values stands for (high nibble first), side by side in one 8-byte word:
+    dequantising is then one 8-byte lookup per byte, not unpacking nibbles and a lookup per value (≈ 8× faster on
+    CPU, as fast as bitsandbytes' C kernel)."""
+    byte = torch.arange(256)
+    return torch.stack([levels[byte >> 4], levels[byte & 0x0F]], dim=1).view(torch.int64).view(-1)
+
+
+_LEVEL_PAIR_WORDS = {name: _level_pair_words(levels) for name, levels in CODE_BOOKS.items()}
+
+
+def nearest_level_index(scaled: torch.Tensor, levels: torch.Tensor = NF4_LEVELS) -> torch.Tensor:
+    """The code (index into ``levels``) of the level nearest each value of ``scaled``, as uint8.
+
+    bitsandbytes' rule: sort the levels (stably), bucket the values by the midpoints of neighbours, a value exactly
+    on a midpoint going to the lower level, and map the bucket back to its code. NF4 is already sorted.
+    """
+    levels = levels.to(scaled.device)
+    order = torch.argsort(levels, stable=True)
+    ascending = levels[order]
+    bucket = torch.bucketize(scaled, (ascending[:-1] + ascending[1:]) / 2)
+    return order[bucket].to(torch.uint8)
 
 
 def _absmax_lookup_table() -> torch.Tensor:
@@ -120,7 +175,8 @@ class QuantizedAbsmax:
 
 @dataclass(frozen=True)
 class NF4Weight:
-    """A weight stored in NF4: what ``quantize_nf4`` returns and ``dequantize_nf4`` reads.
+    """A weight stored in 4 bits (NF4 unless ``quant_type`` says otherwise): what ``quantize_nf4`` and
+    ``quantize_4bit`` return and ``dequantize_nf4`` / ``dequantize_4bit`` read.
 
     ``codes``: uint8 of shape (⌈n/2⌉, 1), two 4-bit level indices per byte (bitsandbytes' layout);
     ``absmax``: one float32 per block, or a ``QuantizedAbsmax`` (double quantisation);
@@ -132,6 +188,7 @@ class NF4Weight:
     shape: torch.Size
     dtype: torch.dtype
     block_size: int = BLOCK_SIZE
+    quant_type: str = "nf4"  # which code book the codes index: "nf4", or "fp4" / "int4" (see the module docstring)
 
     @property
     def double_quant(self) -> bool:
@@ -175,9 +232,10 @@ def _blocks_scaled(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
 
 
 def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit indices per byte, the first in the high nibble; an odd count is padded with NF4's 0 (index 7)."""
+    """Two 4-bit indices (uint8, an even count) per byte, the first in the high nibble: shape (count/2, 1)."""
     if indices.numel() % 2:
-        indices = torch.cat([indices, _nearest_nf4_index(torch.zeros(1, device=indices.device))])
+        raise ValueError(f"pack_4bit packs pairs of indices; got {indices.numel()}. Pad an odd count with the code "
+                         "of 0 first (quantize_4bit does).")
     return ((indices[0::2] << 4) | indices[1::2]).unsqueeze(1)
 
 
@@ -196,27 +254,52 @@ def quantize_absmax(absmax: torch.Tensor) -> QuantizedAbsmax:
     return QuantizedAbsmax(codes=codes.masked_fill(empty, 0).view(-1)[:count], scales=scales, offset=offset)
 
 
-def _check_weight(weight, block_size: int) -> None:
+def _check_weight(weight, block_size: int, caller: str) -> None:
     if isinstance(weight, NF4Weight):
         raise TypeError("This weight is already quantised (an NF4Weight); quantising it again would add a second "
                         "rounding. Dequantise it first (dequantize_nf4) if you really mean to.")
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"quantize_nf4 expects a torch.Tensor (a layer's weight), not {type(weight).__name__}.")
+        raise TypeError(f"{caller} expects a torch.Tensor (a layer's weight), not {type(weight).__name__}.")
     if not weight.is_floating_point():
         hint = (" A uint8 weight is probably already 4-bit (packed codes): read it through its layer instead."
                 if weight.dtype == torch.uint8 else "")
-        raise TypeError(f"quantize_nf4 quantises floating-point weights, not {weight.dtype}.{hint}")
+        raise TypeError(f"{caller} quantises floating-point weights, not {weight.dtype}.{hint}")
     if weight.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"quantize_nf4 takes float32, bfloat16 or float16 weights (as bitsandbytes does), not "
+        raise TypeError(f"{caller} takes float32, bfloat16 or float16 weights (as bitsandbytes does), not "
                         f"{weight.dtype}; convert it first, e.g. weight.float().")
     if weight.is_meta or weight.numel() == 0:
-        raise ValueError(f"quantize_nf4 needs a weight with values; this one is "
+        raise ValueError(f"{caller} needs a weight with values; this one is "
                          f"{'on the meta device' if weight.is_meta else 'empty'} (shape {tuple(weight.shape)}).")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size={block_size!r}: a positive number of weights per absmax (QLoRA uses 64).")
 
 
 @torch.no_grad()
+def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = BLOCK_SIZE,
+                  double_quant: bool = False, caller: str = "quantize_4bit") -> NF4Weight:
+    """Store ``weight`` (float32, bfloat16 or float16, any shape) in 4 bits with the code book ``quant_type``
+    ("nf4", "fp4" or "int4") and one absmax per ``block_size`` values.
+
+    With ``double_quant=True`` the absmax constants are themselves quantised to 8 bits (see the module docstring).
+    For "nf4" and "fp4" the result equals bitsandbytes' ``quantize_4bit(weight, blocksize,
+    compress_statistics=double_quant, quant_type=quant_type)`` on CPU, byte for byte.
+    """
+    if quant_type not in CODE_BOOKS:
+        raise ValueError(f"quant_type={quant_type!r}: one of {', '.join(map(repr, CODE_BOOKS))}.")
+    _check_weight(weight, block_size, caller)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant={double_quant!r}: True or False.")
+    absmax, scaled = _blocks_scaled(weight.detach().reshape(-1).float(), block_size)
+    if not torch.isfinite(absmax).all():  # a NaN or inf anywhere makes its block's absmax NaN or inf
+        raise ValueError("The weight has NaN or infinite values; its block's absmax would be too, and every weight "
+                         "of the block would dequantise to NaN. Find where they came from (a diverged merge?).")
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the last byte's second nibble: the code of 0
+    codes = pack_4bit(nearest_level_index(scaled, CODE_BOOKS[quant_type]))
+    return NF4Weight(codes=codes, absmax=quantize_absmax(absmax) if double_quant else absmax,
+                     shape=weight.shape, dtype=weight.dtype, block_size=block_size, quant_type=quant_type)
+
+
 def quantize_nf4(weight: torch.Tensor, block_size: int = BLOCK_SIZE, double_quant: bool = False) -> NF4Weight:
     """Store ``weight`` (float32, bfloat16 or float16, any shape) in NF4 with one absmax per ``block_size`` values.
 
@@ -224,16 +307,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = BLOCK_SIZE, double_quan
     The result equals bitsandbytes' ``quantize_4bit(weight, blocksize, compress_statistics=double_quant,
     quant_type="nf4")`` on CPU, byte for byte.
     """
-    _check_weight(weight, block_size)
-    if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant={double_quant!r}: True or False.")
-    absmax, scaled = _blocks_scaled(weight.detach().reshape(-1).float(), block_size)
-    if not torch.isfinite(absmax).all():  # a NaN or inf anywhere makes its block's absmax NaN or inf
-        raise ValueError("The weight has NaN or infinite values; its block's absmax would be too, and every weight "
-                         "of the block would dequantise to NaN. Find where they came from (a diverged merge?).")
-    codes = pack_4bit(_nearest_nf4_index(scaled))
-    return NF4Weight(codes=codes, absmax=quantize_absmax(absmax) if double_quant else absmax,
-                     shape=weight.shape, dtype=weight.dtype, block_size=block_size)
+    return quantize_4bit(weight, "nf4", block_size, double_quant, caller="quantize_nf4")
 
 
 def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -244,13 +318,24 @@ def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, block_size: int) 
     return values.view(-1, block_size).mul_(absmax.unsqueeze(1)).view(-1)[:count]
 
 
-def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight that ``weight`` stores: level[index] × absmax in float32, then rounded once to ``dtype``
-    (default: the dtype it was quantised from)."""
+def dequantize_4bit(weight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight that ``weight`` stores: level[index] × absmax in float32 (the levels of its code book),
+    then rounded once to ``dtype`` (default: the dtype it was quantised from)."""
     if not isinstance(weight, NF4Weight):
-        raise TypeError(f"dequantize_nf4 reads an NF4Weight (what quantize_nf4 returns), not {type(weight).__name__}.")
+        raise TypeError(f"dequantize_4bit reads an NF4Weight (what quantize_4bit returns), not "
+                        f"{type(weight).__name__}.")
     count = math.prod(weight.shape)
-    pairs = torch.index_select(_LEVEL_PAIR_WORDS.to(weight.codes.device), 0, weight.codes.view(-1).int())
+    words = _LEVEL_PAIR_WORDS[weight.quant_type].to(weight.codes.device)
+    pairs = torch.index_select(words, 0, weight.codes.view(-1).int())
     values = pairs.view(torch.float32)[:count]  # an odd count drops the padding value of the last byte
     absmax = weight.absmax_values().float()
     return _scale_blocks_(values, absmax, weight.block_size).to(dtype or weight.dtype).view(weight.shape)
+
+
+def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dequantize_4bit`` for an NF4 weight (what ``quantize_nf4`` returns)."""
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"dequantize_nf4 reads an NF4Weight (what quantize_nf4 returns), not {type(weight).__name__}.")
+    if weight.quant_type != "nf4":
+        raise ValueError(f"This weight is stored in {weight.quant_type}, not NF4: read it with dequantize_4bit.")
+    return dequantize_4bit(weight, dtype)

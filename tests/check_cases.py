@@ -5,7 +5,8 @@ from cases_dora import DORA
 from cases_lora import LORA, GoodLoRA
 from cases_memory import MEMORY
 from cases_prompt_methods import PROMPT_METHODS
+from cases_qlora import QLORA
 
-CHAPTERS = {chapter.name: chapter for chapter in (LORA, DORA, ADAPTERS, PROMPT_METHODS, MEMORY)}
+CHAPTERS = {chapter.name: chapter for chapter in (LORA, DORA, ADAPTERS, PROMPT_METHODS, MEMORY, QLORA)}
 
 __all__ = ["CHAPTERS", "GoodLoRA"]

@@ -75,6 +75,27 @@ CHAPTERS = {
         "feedback": ["wrong axis", "missing its scaling alpha / r", "gradient flows through ‖V‖",
                      "as if detaching changed nothing"],
     },
+    "qlora": {
+        "points": {"q1": 1.0, "q2": 1.0, "q3": 2.0},
+        "answers": ["block_codes", "pack_codes", "dequantize_blocks"],
+        "right": {
+            "q1": ("def block_codes(block, levels):\n    s = block.float() / block.float().abs().max()\n"
+                   "    return (s[:, None] - levels).abs().argmin(1)"),
+            "q2": "def pack_codes(codes):\n    c = codes.to(torch.uint8)\n    return (c[0::2] << 4) | c[1::2]",
+            "q3": ("def dequantize_blocks(packed, absmax, levels, block_size, count):\n"
+                   "    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:count].long()\n"
+                   "    return levels[codes] * torch.repeat_interleave(absmax, block_size)[:count]"),
+        },
+        "wrong": {
+            "q1": ("def block_codes(block, levels):\n    s = block.float() / block.float().max()\n"
+                   "    return (s[:, None] - levels).abs().argmin(1)"),
+            "q2": "def pack_codes(codes):\n    c = codes.to(torch.uint8)\n    return (c[1::2] << 4) | c[0::2]",
+            "q3": ("def dequantize_blocks(packed, absmax, levels, block_size, count):\n"
+                   "    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:count].long()\n"
+                   "    return levels[codes] / torch.repeat_interleave(absmax, block_size)[:count]"),
+        },
+        "feedback": ["divide by block.max()", "second code of each pair", "divide by the absmax"],
+    },
 }
 
 pytestmark = [needs_bwrap, pytest.mark.parametrize("chapter", list(CHAPTERS))]

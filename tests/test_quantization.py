@@ -18,15 +18,22 @@ from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
 from peft_edu.quantization import (
     DYNAMIC_LEVELS,
+    FP4_LEVELS,
+    INT4_LEVELS,
     NF4_LEVELS,
     NF4_OFFSET,
     NF4Weight,
     _absmax_lookup_table,
+    dequantize_4bit,
     dequantize_nf4,
+    nearest_level_index,
+    pack_4bit,
     paper_bits_per_parameter,
+    quantize_4bit,
     quantize_absmax,
     quantize_nf4,
 )
+from peft_edu.qlora import Linear4bit
 
 pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models", "uncompiled_bitsandbytes")
 
@@ -278,3 +285,89 @@ def test_other_block_sizes_are_bitsandbytes_too():
         ours = quantize_nf4(weight, block_size=block_size, double_quant=double_quant)
         assert torch.equal(ours.codes, codes) and torch.equal(ours.absmax_values(), bnb_absmax(state))
         assert math.prod(ours.shape) == 800 and isinstance(ours, NF4Weight)
+
+
+# --- FP4 and int4: the same storage with other code books -----------------------------------------------
+def test_the_fp4_levels_from_sign_exponent_and_mantissa_are_bitsandbytes_table():
+    assert torch.equal(FP4_LEVELS, bnb_functional.get_4bit_type("fp4", device="cpu"))
+    assert FP4_LEVELS[8].item() == 0 and math.copysign(1, FP4_LEVELS[8].item()) == -1  # code 8 is −0
+    magnitudes = sorted(set(FP4_LEVELS.abs().mul(12).tolist()))
+    assert magnitudes == [0, 1 / 16, 2, 3, 4, 6, 8, 12]
+    assert len(set(FP4_LEVELS.tolist())) == 15  # +0 and −0 are one level
+
+
+def test_the_int4_levels_are_the_integers_minus_7_to_7_over_7_in_twos_complement():
+    q = torch.tensor([c if c < 8 else c - 16 for c in range(16)])
+    assert torch.equal(INT4_LEVELS, (q / 7).float())
+    assert torch.equal(INT4_LEVELS[:8] * 7, torch.arange(8.0)) and INT4_LEVELS[8] == -8 / 7  # −8: never produced
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double-quant"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fp4_codes_absmax_and_weights_are_bitsandbytes(shape, dtype, double_quant):
+    weight = weight_like_a_layer(shape, dtype, seed=2 + shape[0])
+    codes, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="fp4",
+                                                compress_statistics=double_quant)
+    ours = quantize_4bit(weight, "fp4", double_quant=double_quant)
+    assert ours.quant_type == "fp4" and torch.equal(ours.codes, codes)
+    assert torch.equal(ours.absmax_values(), bnb_absmax(state))
+    dense = dequantize_4bit(ours)
+    assert dense.dtype == dtype and dense.shape == weight.shape
+    reference = _dequantize_4bit_compute.__wrapped__(codes.reshape(-1), bnb_absmax(state), FP4_LEVELS, 64, shape, dtype)
+    assert torch.equal(dense, reference.reshape(shape))
+    if _bitsandbytes_cpu_kernel_reads_rows_right(shape):  # bitsandbytes' C kernel, FP4 decoded from the bits
+        assert torch.equal(dense, bnb_functional.dequantize_4bit(codes, state, quant_type="fp4").reshape(shape))
+
+
+def test_fp4_values_next_to_zero_get_bitsandbytes_zero_codes():
+    """+0 and −0 are the same level: small positive values get −0's code (8), small negative ones +0's (0)."""
+    tiny = 1 / 384  # the midpoint between 0 and the smallest level, 1/192
+    values = torch.tensor([1.0, 0.0, tiny / 2, tiny, -tiny / 2, -tiny, tiny * 1.01, -tiny * 1.01] + [0.0] * 56)
+    codes, _ = bnb_functional.quantize_4bit(values.reshape(1, 64), blocksize=64, quant_type="fp4")
+    ours = quantize_4bit(values.reshape(1, 64), "fp4")
+    assert torch.equal(ours.codes, codes)
+    assert nearest_level_index(values[1:8], FP4_LEVELS).tolist() == [0, 8, 8, 0, 9, 1, 9]
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (3, 100), (7, 33)], ids=str)
+def test_int4_is_rounding_to_the_nearest_of_15_even_steps_of_the_absmax(shape):
+    weight = weight_like_a_layer(shape, torch.float32, seed=4)
+    stored = quantize_4bit(weight, "int4")
+    flat = weight.reshape(-1)
+    absmax = torch.repeat_interleave(stored.absmax, 64)[: flat.numel()]
+    steps = flat / absmax.clamp(min=1e-38) * 7
+    # the nearest integer; ties (none in this data) would go to the lower one
+    expected = (torch.round(steps) * absmax / 7).reshape(shape)
+    torch.testing.assert_close(dequantize_4bit(stored), expected, rtol=1e-6, atol=1e-7)
+    indices = torch.stack([stored.codes.view(-1) >> 4, stored.codes.view(-1) & 15], 1).reshape(-1)
+    assert not (indices == 8).any()  # −8 is never used
+
+
+CODE_BOOK_ZERO = {"nf4": 7, "fp4": 0, "int4": 0}  # the code of 0 (FP4's +0), what bitsandbytes pads with
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_every_code_book_packs_an_odd_count_with_the_code_of_zero(quant_type):
+    stored = quantize_4bit(torch.ones(1, 3), quant_type)
+    last = stored.codes.view(-1)[-1].item() & 15
+    assert CODE_BOOK_ZERO[quant_type] == last and torch.equal(dequantize_4bit(stored), torch.ones(1, 3))
+
+
+def test_nf4_has_the_smallest_error_of_the_three_on_normal_weights():
+    """QLoRA's reason for NF4 (arXiv 2305.14314, §3): on normally distributed weights it beats FP4 and int4."""
+    weight = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    error = {q: (dequantize_4bit(quantize_4bit(weight, q)) - weight).pow(2).mean().item() for q in ("nf4", "fp4", "int4")}
+    assert error["nf4"] < error["int4"] < error["fp4"], error
+
+
+def test_other_code_books_are_refused_where_only_nf4_is_meant():
+    with pytest.raises(ValueError, match="quant_type='nf5'.*'nf4', 'fp4', 'int4'"):
+        quantize_4bit(torch.randn(4, 64), "nf5")
+    fp4 = quantize_4bit(torch.randn(4, 64), "fp4")
+    with pytest.raises(ValueError, match="stored in fp4, not NF4: read it with dequantize_4bit"):
+        dequantize_nf4(fp4)
+    with pytest.raises(ValueError, match="Linear4bit stores NF4 weights, not fp4"):
+        Linear4bit(fp4)
+    with pytest.raises(ValueError, match="pack_4bit packs pairs"):
+        pack_4bit(torch.zeros(3, dtype=torch.uint8))
