@@ -27,7 +27,9 @@ from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .qlora import Linear4bit, quantize_model
 from .quantization import NF4Weight, dequantize_nf4, quantize_nf4
 from .registry import register_method
+from .named_adapters import active_adapter, delete_adapter, list_adapters, set_adapter
 from .model import (
+    add_adapter,
     count_parameters,
     disable_adapter,
     get_peft_model,
@@ -45,7 +47,8 @@ __all__ = [
     "print_trainable_parameters", "save_adapter", "unload", "unmerge", "IA3Config", "IA3Linear",
     "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "MAMConfig", "BottleneckAdapter",
     "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding", "register_method",
-    "merge_and_unload", "disable_adapter",
+    "merge_and_unload", "disable_adapter", "add_adapter", "set_adapter", "delete_adapter", "active_adapter",
+    "list_adapters",
     "Linear4bit", "quantize_model", "NF4Weight", "quantize_nf4", "dequantize_nf4",
     "LoraConv", "DoraConv", "LoraEmbedding", "DoraEmbedding", "LoraMultiheadAttention", "IA3Conv",
 ]

@@ -1,8 +1,11 @@
-"""The user-facing verbs: get_peft_model, merge/unmerge, save_adapter/load_adapter.
+"""The user-facing verbs: get_peft_model, named adapters, merge/unmerge, save_adapter/load_adapter.
 
 Unlike PEFT, ``get_peft_model`` returns the *same* model object, changed in place: its layers are
 wrapped (see ``injection.py``) and its config is stored as ``model.peft_edu_config``. Nothing else
 wraps the model, so ``model(**batch)``, ``model.generate(...)`` and HF ``Trainer`` work unchanged.
+
+A model can hold several adapters under names (``add_adapter`` here; the first one is "default"): only the active
+one is in the model, so every verb below sees one adapter (``named_adapters.py``; mixed batches: ``mixed_batch.py``).
 
 Adapter files use PEFT's format: ``adapter_config.json`` plus ``adapter_model.safetensors`` whose keys
 are ``base_model.model.<module name>.<tensor>``, e.g.
@@ -26,6 +29,9 @@ from .adapterhub import is_adapterhub_directory, read_adapterhub_directory
 from .checkpointing import inputs_require_grad_under_checkpointing
 from .config import CLASSIFIER_HEAD_NAMES, ConfigUnion, PeftConfig, load_config
 from .injection import AdapterLayer, adapter_layers, adapter_modules, matches, train_copies_of
+from .mixed_batch import accept_adapter_names
+from .named_adapters import (ParkedAdapter, active_config, check_new_name, delete_adapter, put_in,
+                             list_adapters, refuse_while_merged, set_adapter, set_trainable, take_out)
 from .registry import method_for
 from .virtual_tokens import PROMPT_EMBEDDINGS_KEY
 
@@ -65,22 +71,26 @@ def _nothing_to_merge(config: PeftConfig, verb: str) -> None:
                         f"nothing to {verb}. peft_edu.unload(model) takes the adapter out.")
 
 
-def get_peft_model(model: nn.Module, config: PeftConfig) -> nn.Module:
-    """Freeze ``model``, add the method described by ``config`` and return the (same) model."""
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> nn.Module:
+    """Freeze ``model``, add the method described by ``config`` (as adapter ``adapter_name``) and return the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. a transformers model), not {type(model).__name__}.")
     if not isinstance(config, PeftConfig):
         raise TypeError(f"config must be a peft_edu config such as peft_edu.LoraConfig, not {type(config).__name__}.")
     if hasattr(model, "peft_edu_config"):
-        raise ValueError("This model already has a peft_edu adapter; call peft_edu.unload(model) first or load a fresh model.")
+        raise ValueError("This model already has a peft_edu adapter; call peft_edu.unload(model) first or load a fresh "
+                         "model, or add another adapter next to it with peft_edu.add_adapter(model, name, config).")
+    check_new_name(model, adapter_name)
     config = config.revalidated()  # a field changed after the config was made is checked now
     model.peft_edu_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.peft_edu_config = config
+    model.peft_edu_active_adapter, model.peft_edu_parked = adapter_name, {}
     try:
         model.requires_grad_(False)
         train_copies_of(model, _modules_to_save(model, config))
         model.peft_edu_config = inject(model, config)  # what save_adapter writes: the config as applied
         model.peft_edu_checkpointing_hook = inputs_require_grad_under_checkpointing(model)
+        accept_adapter_names(model)  # a prompt-learning model refuses adapter_names (mixed_batch says why)
     except Exception:
         unload(model)  # a bad config leaves the model as it was: no wrappers, same requires_grad
         raise
@@ -103,19 +113,38 @@ def _modules_to_save(model: nn.Module, config: PeftConfig) -> list[str]:
     return [e for e in entries if e not in CLASSIFIER_HEAD_NAMES] + heads
 
 
-def _peft_config(model: nn.Module) -> PeftConfig:
-    config = getattr(model, "peft_edu_config", None)
-    if config is None:
-        raise ValueError("This model has no peft_edu adapter: call peft_edu.get_peft_model(model, config) first.")
-    return config
+# --- named adapters (the others are in named_adapters.py) ------------------------------------
+def add_adapter(model: nn.Module, adapter_name: str, config: PeftConfig) -> None:
+    """Add a new adapter next to the model's others, as PEFT's ``add_adapter``: it starts frozen and inactive;
+    ``set_adapter(model, adapter_name)`` makes it the one the model computes with (and trains)."""
+    active_config(model)
+    check_new_name(model, adapter_name)
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"config must be a peft_edu config such as peft_edu.LoraConfig, not {type(config).__name__}.")
+    config = config.revalidated()
+    refuse_while_merged(model, "add an adapter")
+    active_parts = take_out(model)
+    try:
+        train_copies_of(model, _modules_to_save(model, config))
+        resolved = inject(model, config)
+        new_parts = take_out(model)
+    except Exception:
+        take_out(model)  # what the failed injection put in
+        raise
+    finally:
+        put_in(model, active_parts)
+    set_trainable(new_parts, False)
+    model.peft_edu_parked[adapter_name] = ParkedAdapter(resolved, new_parts)
+    accept_adapter_names(model)
 
 
 # --- counting ---------------------------------------------------------------------------------
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts, counted exactly as PEFT's ``get_nb_trainable_parameters``: a 4-bit
     weight packed two codes to a byte (bitsandbytes' or peft_edu's ``Linear4bit``) counts two per byte."""
-    counts = {}  # by identity: a parameter shared by two modules counts once
-    for module in model.modules():
+    counts = {}  # by identity: a parameter shared by two modules counts once (a parked adapter's base layers)
+    parked = [part for adapter in getattr(model, "peft_edu_parked", {}).values() for _, part in adapter.parts]
+    for module in [*model.modules(), *(m for part in parked for m in part.modules())]:
         packed = type(module).__name__ == "Linear4bit"
         for name, param in module.named_parameters(recurse=False):
             per_element = 2 if packed and name == "weight" and param.dtype == torch.uint8 else 1
@@ -141,7 +170,7 @@ def merge(model: nn.Module, safe_merge: bool = False) -> None:
     merged, the layers merged before it are unmerged again, so the model is as it was. Training a merged layer
     is an error (gradients would not reach the adapter).
     """
-    _nothing_to_merge(_peft_config(model), "merge")
+    _nothing_to_merge(active_config(model), "merge")
     layers = adapter_layers(model)
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("The adapter is already merged; merging again would add ΔW twice. Call unmerge(model) first.")
@@ -185,7 +214,7 @@ def _merge_layer(layer: AdapterLayer, safe_merge: bool) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from its base weight again (W₀ ← W₀ − ΔW)."""
-    _nothing_to_merge(_peft_config(model), "unmerge")
+    _nothing_to_merge(active_config(model), "unmerge")
     merged = [layer for layer in adapter_layers(model).values() if layer.merged]
     if not merged:
         raise RuntimeError("The adapter is not merged, so there is nothing to unmerge.")
@@ -225,25 +254,22 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 def disable_adapter(model: nn.Module):
     """``with peft_edu.disable_adapter(model):`` the model computes as the base model (PEFT's ``disable_adapter``):
     every adapter part is taken out for the block (a merged adapter is unmerged) and put back afterwards."""
-    _peft_config(model)
+    active_config(model)
     was_merged = any(layer.merged for layer in adapter_layers(model).values())
     if was_merged:
         unmerge(model)
-    parts = list(adapter_modules(model).items())
-    for name, module in parts:
-        module.remove(model, name)
+    parts = take_out(model)
     try:
         yield model
     finally:
-        for name, module in reversed(parts):
-            module.put_back(model, name)
+        put_in(model, parts)
         if was_merged:
             merge(model)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Take the adapter out (unmerging it first if needed) and give back the original model."""
-    _peft_config(model)
+    active_config(model)
     for name, module in list(adapter_modules(model).items()):
         module.remove(model, name)  # unmerges a merged layer first; a prompt encoder removes its hook too
     return _forget_adapter(model)
@@ -253,10 +279,13 @@ def _forget_adapter(model: nn.Module) -> nn.Module:
     """Once the adapter's modules are out: the base model's own requires_grad flags back, peft_edu's marks gone."""
     for name, param in model.named_parameters():
         param.requires_grad_(model.peft_edu_requires_grad.get(name, True))
-    hook = getattr(model, "peft_edu_checkpointing_hook", None)
-    if hook is not None:
-        hook.remove()
-    model.__dict__.pop("peft_edu_checkpointing_hook", None)
+    hooks = [getattr(model, "peft_edu_checkpointing_hook", None), *getattr(model, "peft_edu_adapter_names_hooks", ())]
+    for hook in hooks:
+        if hook is not None:
+            hook.remove()
+    for mark in ("peft_edu_checkpointing_hook", "peft_edu_adapter_names_hooks", "generate", "peft_edu_active_adapter",
+                 "peft_edu_parked"):
+        model.__dict__.pop(mark, None)
     del model.peft_edu_config, model.peft_edu_requires_grad
     return model
 
@@ -268,8 +297,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     They share storage with the model's parameters, so copying into them loads an adapter. Prompt-learning
     methods have one tensor, ``prompt_embeddings`` (the prompt encoder's output, see ``virtual_tokens.py``).
     """
+    return _tensors_of(adapter_modules(model).items())
+
+
+def _tensors_of(parts) -> dict[str, torch.Tensor]:
+    """The file's tensors of an adapter's modules, (name in the model, module): in the model or parked."""
     state = {}
-    for name, module in adapter_modules(model).items():
+    for name, module in parts:
         state.update(module.adapter_tensors(_file_name(name)))
     return state
 
@@ -281,7 +315,9 @@ def _file_name(module_name: str) -> str:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, overwrite: bool = False) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does.
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does, for every adapter of the model:
+    "default" into ``directory``, any other into ``directory/<name>`` (PEFT's ``save_pretrained`` layout; load one
+    with ``load_adapter(model, directory / name, adapter_name=name)``).
 
     A directory that already holds an adapter is refused unless ``overwrite=True`` (PEFT overwrites without a
     word, which can silently replace another task's adapter).
@@ -290,19 +326,29 @@ def save_adapter(model: nn.Module, directory: str | Path, overwrite: bool = Fals
     PEFT does not have) are written the same way with ``"peft_type": "BOTTLENECK"`` (a ConfigUnion: "UNION");
     only peft_edu reads them.
     """
-    config = _peft_config(model)
+    active_config(model)
     if any(layer.merged for layer in adapter_layers(model).values()):
         raise RuntimeError("Save the adapter before merging (or unmerge(model) first): a merged W₀ is no longer the base model's.")
     directory = Path(directory)
-    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin") if (directory / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{directory} already holds an adapter ({', '.join(existing)}); pass overwrite=True to "
-                              "replace it, or save into another directory.")
+    adapters = {model.peft_edu_active_adapter: (model.peft_edu_config, adapter_state_dict(model))}
+    for name, parked in model.peft_edu_parked.items():
+        adapters[name] = (parked.config, _tensors_of(parked.parts))
+    folders = {name: directory if name == "default" else directory / name for name in adapters}
+    for folder in folders.values():  # all refused before any is written
+        existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin") if (folder / name).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{folder} already holds an adapter ({', '.join(existing)}); pass overwrite=True to "
+                                  "replace it, or save into another directory.")
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    for name, (config, state) in adapters.items():
+        _write_adapter(folders[name], config, state, name_or_path)
+
+
+def _write_adapter(directory: Path, config: PeftConfig, state: dict[str, torch.Tensor], name_or_path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     prefix = _key_prefix(config)
     tensors = {(k if k == PROMPT_EMBEDDINGS_KEY else prefix + k): v.detach().contiguous().cpu()
-               for k, v in adapter_state_dict(model).items()}
-    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+               for k, v in state.items()}
     saved_config = dataclasses.replace(config, base_model_name_or_path=name_or_path, inference_mode=True)
     # Both files are written next to the target first and then moved in, weights before config, the old config
     # removed first: a reader sees the old pair, the new pair, or no config (an error), never a mixed pair; a
@@ -319,8 +365,12 @@ def save_adapter(model: nn.Module, directory: str | Path, overwrite: bool = Fals
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_adapter(base_model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
+def load_adapter(base_model: nn.Module, directory: str | Path, is_trainable: bool = False,
+                 adapter_name: str | None = None) -> nn.Module:
     """Add the adapter saved in ``directory`` (by PEFT or peft_edu) to ``base_model`` and return it.
+
+    To a model that has peft_edu adapters already, the adapter is added under ``adapter_name`` (required then), and
+    the active adapter stays active, as PEFT's ``PeftModel.load_adapter``; ``set_adapter`` switches to it.
 
     As PEFT's ``PeftModel.from_pretrained``, the adapter is loaded for inference: every parameter is frozen and the
     stored config says ``inference_mode=True``. Pass ``is_trainable=True`` to train it further.
@@ -348,7 +398,10 @@ def load_adapter(base_model: nn.Module, directory: str | Path, is_trainable: boo
                          f"{not_finite[:3]}: the training that produced it diverged; it would turn every output NaN.")
     if not isinstance(is_trainable, bool):
         raise TypeError(f"is_trainable={is_trainable!r}: True (train the loaded adapter) or False (inference).")
-    model = get_peft_model(base_model, config.as_loaded())
+    if hasattr(base_model, "peft_edu_config"):
+        _load_next_to_others(base_model, adapter_name, config, saved, is_trainable)
+        return base_model
+    model = get_peft_model(base_model, config.as_loaded(), adapter_name=adapter_name or "default")
     try:
         _copy_into(model, saved, config)
     except Exception:
@@ -358,6 +411,30 @@ def load_adapter(base_model: nn.Module, directory: str | Path, is_trainable: boo
         model.requires_grad_(False)  # unload gives back the base model's own requires_grad flags
     model.peft_edu_config = dataclasses.replace(model.peft_edu_config, inference_mode=not is_trainable)
     return model
+
+
+def _load_next_to_others(model: nn.Module, adapter_name: str | None, config: PeftConfig,
+                         saved: dict[str, torch.Tensor], is_trainable: bool) -> None:
+    """``load_adapter`` into a model with adapters: add it, fill it while it is active and switch back, the active
+    adapter's requires_grad as it was (a file that does not fit: the new adapter is deleted again)."""
+    if adapter_name is None:
+        raise ValueError(f"This model has peft_edu adapters already ({list_adapters(model)}); pass adapter_name=... to "
+                         "load this one next to them, or peft_edu.unload(model) first.")
+    add_adapter(model, adapter_name, config.as_loaded())
+    previous, requires_grad = model.peft_edu_active_adapter, [(p, p.requires_grad) for p in model.parameters()]
+    set_adapter(model, adapter_name)
+    try:
+        _copy_into(model, saved, config)
+        model.peft_edu_config = dataclasses.replace(model.peft_edu_config, inference_mode=not is_trainable)
+    except Exception:
+        set_adapter(model, previous)
+        delete_adapter(model, adapter_name)
+        raise
+    finally:
+        if model.peft_edu_active_adapter != previous:
+            set_adapter(model, previous)
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,168 @@
+r"""Mixed-adapter batches: every row of a batch runs through the LoRA adapter it names (or the base model).
+
+One base model serves many tasks at once when each row of the batch names its adapter,
+``model(input_ids, adapter_names=["polarity", "__base__", "news", ...])`` (PEFT's argument). PEFT splits the batch
+into one sub-batch per adapter and loops over them in every layer. Here each layer gathers the factors of every
+row's adapter, A_i (r × d_in) and B_i (d_out × r), and computes all rows with one batched product per factor
+(the "gather, then batched matmul" kernel of Punica, arXiv 2310.18547, and S-LoRA, arXiv 2311.03285):
+
+    h_i = W₀ x_i + s_i · B_i A_i x_i,        for every row i at once: bmm(bmm(X, Aᵀ), Bᵀ)
+
+Adapters of different ranks are zero-padded to the largest rank, and a row of the base model (``"__base__"``), or of
+an adapter that does not adapt this layer, gathers zero factors: zeros add nothing, so each row's output is exactly
+its own adapter's. ``mixed_batch`` takes the active adapter out (``named_adapters.py``), swaps a ``MixedBatchLora``
+into every layer that some named adapter adapts for the duration of the call, and puts everything back afterwards;
+``accept_adapter_names`` lets the model's forward and generate take PEFT's argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+
+from .injection import adapter_modules, replace_module
+from .lora import LoraLinear
+from .named_adapters import BASE_MODEL_ROW, list_adapters, put_in, refuse_while_merged, take_out
+
+
+def refuse_unsupported_layer(adapter: str, name: str, module: nn.Module) -> None:
+    """Only plain LoRA on linear layers (nn.Linear, Conv1D, 4-bit) runs in a mixed batch; the error says what to do."""
+    if type(module) is LoraLinear and module.initial_factors is None:
+        return
+    why = ("its PiSSA/OLoRA initialisation changed W₀ for this adapter only"
+           if isinstance(module, LoraLinear) and module.initial_factors is not None
+           else f"{name} is a {type(module).__name__}, and only plain LoRA on linear layers (LoraLinear) is batched")
+    raise ValueError(f"Adapter {adapter!r} cannot run in a mixed batch: {why}. Run its rows in a batch of their own "
+                     f"(peft_edu.set_adapter(model, {adapter!r}), then call the model without adapter_names).")
+
+
+class MixedBatchLora(nn.Module):
+    """A linear layer W₀ plus, for row i of the batch, the LoRA update of adapter ``rows[i]``.
+
+    ``layers`` maps adapter names to their ``LoraLinear`` at this place (an adapter missing here adds nothing). The
+    factors are stacked once, A as (adapters + 1, r_max, d_in) and B as (adapters + 1, d_out, r_max), the last slot
+    all zeros for the base model's rows; a forward gathers one slot per row.
+    """
+
+    def __init__(self, base_layer: nn.Module, layers: dict[str, LoraLinear], rows: list[str]):
+        super().__init__()
+        self.base_layer = base_layer
+        self.rows = rows
+        # on the base layer's device: a parked adapter stays where it was when the model was moved
+        device = next(base_layer.parameters()).device
+        slot_of = {name: slot for slot, name in enumerate(layers)}
+        self.slot_of_row = torch.tensor([slot_of.get(name, len(layers)) for name in rows], device=device)
+        A, B = next(iter(layers.values())).lora_factors()
+        r_max, slots = max(layer.r for layer in layers.values()), len(layers) + 1
+        self.stacked_A = A.new_zeros(slots, r_max, A.shape[1], device=device)
+        self.stacked_B = B.new_zeros(slots, B.shape[0], r_max, device=device)
+        self.bias = B.new_zeros(slots, B.shape[0], device=device)
+        self.scaling = B.new_zeros(slots, device=device)
+        for slot, layer in enumerate(layers.values()):
+            A, B = layer.lora_factors()
+            self.stacked_A[slot, :layer.r] = A
+            self.stacked_B[slot, :, :layer.r] = B
+            if layer.lora_B_bias() is not None:
+                self.bias[slot] = layer.lora_B_bias()
+            self.scaling[slot] = layer.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self.rows):
+            raise ValueError(f"adapter_names names {len(self.rows)} rows, but the batch has {x.shape[0]}: give one "
+                             "adapter name (or '__base__') per row.")
+        result = self.base_layer(x)
+        slots = self.slot_of_row
+        tokens = x.to(self.stacked_A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in)
+        shrunk = torch.bmm(tokens, self.stacked_A[slots].transpose(1, 2))          # (batch, tokens, r_max)
+        update = torch.bmm(shrunk, self.stacked_B[slots].transpose(1, 2))          # (batch, tokens, d_out)
+        update = (update + self.bias[slots, None, :]) * self.scaling[slots, None, None]  # PEFT's order: (BAx + b)·s
+        return result + update.reshape(result.shape).to(result.dtype)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, rows: list[str]):
+    """``with mixed_batch(model, rows):`` row i of every batch runs through adapter ``rows[i]`` (``"__base__"``:
+    the base model). ``model(x, adapter_names=rows)`` and ``model.generate(x, adapter_names=rows)`` call this."""
+    _check_rows(model, rows)
+    active = dict(adapter_modules(model))
+    layers_of = {}  # adapter -> {module name: its LoraLinear}
+    for adapter in dict.fromkeys(rows):
+        if adapter != BASE_MODEL_ROW:
+            parts = active if adapter == model.peft_edu_active_adapter else dict(model.peft_edu_parked[adapter].parts)
+            for name, module in parts.items():
+                refuse_unsupported_layer(adapter, name, module)
+            layers_of[adapter] = parts
+    targets = list(dict.fromkeys(name for parts in layers_of.values() for name in parts))
+    taken, swapped_in = take_out(model), []
+    try:
+        for name in targets:
+            layers = {adapter: parts[name] for adapter, parts in layers_of.items() if name in parts}
+            replace_module(model, name, MixedBatchLora(model.get_submodule(name), layers, list(rows)))
+            swapped_in.append(name)
+        yield model
+    finally:
+        for name in swapped_in:
+            replace_module(model, name, model.get_submodule(name).base_layer)
+        put_in(model, taken)
+
+
+def _check_rows(model: nn.Module, rows) -> None:
+    """PEFT's checks of ``adapter_names``, with an unknown name an error (PEFT ran such rows through the base model
+    silently until its issue #2090)."""
+    valid = list_adapters(model)
+    if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(row, str) for row in rows):
+        raise TypeError(f"adapter_names={rows!r}: give a list with one adapter name per row of the batch, from "
+                        f"{valid} or {BASE_MODEL_ROW!r} for the base model.")
+    unknown = sorted(set(rows) - set(valid) - {BASE_MODEL_ROW})
+    if unknown:
+        raise ValueError(f"adapter_names names {unknown}, which the model does not have; its adapters are {valid}, "
+                         f"and {BASE_MODEL_ROW!r} runs a row through the base model.")
+    if model.training:
+        raise ValueError("Mixed-adapter batches are for inference, as in PEFT: call model.eval() first (to train one "
+                         "adapter, peft_edu.set_adapter(model, name) and call the model without adapter_names).")
+    refuse_while_merged(model, "run a mixed batch (a merged adapter would be added to every row)")
+
+
+def accept_adapter_names(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=...)`` and ``model.generate(..., adapter_names=...)`` run a mixed batch: a
+    forward pre-hook takes the argument out of the call (the model itself does not know it) and enters
+    ``mixed_batch`` for that call; generate, which would refuse the argument, is wrapped so that it enters it once
+    for all its steps. ``_forget_adapter`` removes both."""
+    if hasattr(model, "peft_edu_adapter_names_hooks"):
+        return
+    model.peft_edu_adapter_names_hooks = (
+        model.register_forward_pre_hook(_enter_mixed_batch, with_kwargs=True),
+        model.register_forward_hook(_leave_mixed_batch, always_call=True))
+    if hasattr(type(model), "generate"):
+        model.generate = functools.partial(_generate, model)  # a partial pickles and deep-copies with the model
+
+
+def _enter_mixed_batch(model: nn.Module, args: tuple, kwargs: dict):
+    if "adapter_names" not in kwargs:
+        return None
+    rows = kwargs.pop("adapter_names")
+    if rows is not None:
+        exit_stack = contextlib.ExitStack()
+        exit_stack.enter_context(mixed_batch(model, rows))
+        model.peft_edu_mixed_batch = exit_stack
+    return args, kwargs
+
+
+def _leave_mixed_batch(model: nn.Module, args: tuple, output):
+    exit_stack = model.__dict__.pop("peft_edu_mixed_batch", None)
+    if exit_stack is not None:
+        exit_stack.close()
+
+
+def _generate(model: nn.Module, *args, adapter_names: list[str] | None = None, **kwargs):
+    generate = type(model).generate
+    if adapter_names is None:
+        return generate(model, *args, **kwargs)
+    beams = kwargs.get("num_beams")
+    if isinstance(beams, int) and beams > 1 and isinstance(adapter_names, (list, tuple)):
+        adapter_names = [name for name in adapter_names for _ in range(beams)]  # each row becomes `beams` rows, as PEFT
+    with mixed_batch(model, adapter_names):
+        return generate(model, *args, **kwargs)
