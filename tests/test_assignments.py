@@ -35,14 +35,28 @@ def otter_grade(zip_path: Path, notebook: Path, out: Path) -> dict[str, float]:
     return {t["name"]: t["score"] for t in tests if "score" in t}
 
 
+def solution_lines_of(source: str) -> list[str]:
+    """The code of a solution: lines marked ``# SOLUTION`` and lines between ``# BEGIN SOLUTION`` and
+    ``# END SOLUTION`` (without comments; blank lines and lines too short to be telling left out)."""
+    lines, inside = [], False
+    for line in source.splitlines():
+        if "BEGIN SOLUTION" in line or "END SOLUTION" in line:
+            inside = "BEGIN SOLUTION" in line
+            continue
+        code = line.split("#")[0].strip()
+        if (inside or line.rstrip().endswith("# SOLUTION")) and len(code) > 12:
+            lines.append(code)
+    return lines
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_student_version_has_no_solutions_or_hidden_tests(built, chapter):
     student = nbformat.read(built / chapter / "student" / f"{chapter}.ipynb", as_version=4)
     master = nbformat.read(ROOT / "notebooks" / f"{chapter}.ipynb", as_version=4)
     text = "\n".join(c.source for c in student.cells)
     assert "# SOLUTION" not in text and "BEGIN SOLUTION" not in text and "# HIDDEN" not in text
-    solution_lines = [line.split("#")[0].strip() for c in master.cells if c.cell_type == "code" and "SOLUTION" in c.source
-                      for line in c.source.splitlines() if line.rstrip().endswith("# SOLUTION")]
+    solution_lines = [line for c in master.cells if c.cell_type == "code" and "SOLUTION" in c.source
+                      for line in solution_lines_of(c.source)]
     assert solution_lines and not any(line in text for line in solution_lines)
     assert "grader.check(" in text
     # On Colab the set-up cell installs otter-grader: otter's init cell must come after it, and before any check.

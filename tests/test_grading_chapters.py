@@ -96,6 +96,25 @@ CHAPTERS = {
         },
         "feedback": ["divide by block.max()", "second code of each pair", "divide by the absmax"],
     },
+    "lora_beyond_linear": {
+        "points": {"q1": 1.0, "q2": 1.0, "q3": 1.0},
+        "answers": ["embedding_lora_forward", "merge_conv1d", "pissa_residual"],
+        "right": {
+            "q1": ("def embedding_lora_forward(tokens, table, A, B, scaling):\n"
+                   "    lookup = torch.nn.functional.embedding\n"
+                   "    return lookup(tokens, table) + scaling * lookup(tokens, A.T) @ B.T"),
+            "q2": "def merge_conv1d(weight, A, B, scaling):\n    return weight + scaling * A.T @ B.T",
+            "q3": ("def pissa_residual(W, r):\n    U, S, Vh = torch.linalg.svd(W, full_matrices=False)\n"
+                   "    return U[:, r:] @ torch.diag(S[r:]) @ Vh[r:]"),
+        },
+        "wrong": {
+            "q1": "def embedding_lora_forward(tokens, table, A, B, scaling):\n    return table[tokens]",
+            "q2": "def merge_conv1d(weight, A, B, scaling):\n    return weight + scaling * B @ A",
+            "q3": ("def pissa_residual(W, r):\n    U, S, Vh = torch.linalg.svd(W, full_matrices=False)\n"
+                   "    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]"),
+        },
+        "feedback": ["frozen lookup table[tokens] only", "that is nn.Linear's layout", "returned the top-r part"],
+    },
 }
 
 pytestmark = [needs_bwrap, pytest.mark.parametrize("chapter", list(CHAPTERS))]
