@@ -28,6 +28,7 @@ from .qlora import Linear4bit, quantize_model
 from .quantization import NF4Weight, dequantize_nf4, quantize_nf4
 from .registry import register_method
 from .named_adapters import active_adapter, delete_adapter, list_adapters, set_adapter
+from .adapter_arithmetic import add_weighted_adapter
 from .model import (
     add_adapter,
     count_parameters,
@@ -48,7 +49,7 @@ __all__ = [
     "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "MAMConfig", "BottleneckAdapter",
     "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding", "register_method",
     "merge_and_unload", "disable_adapter", "add_adapter", "set_adapter", "delete_adapter", "active_adapter",
-    "list_adapters",
+    "list_adapters", "add_weighted_adapter",
     "Linear4bit", "quantize_model", "NF4Weight", "quantize_nf4", "dequantize_nf4",
     "LoraConv", "DoraConv", "LoraEmbedding", "DoraEmbedding", "LoraMultiheadAttention", "IA3Conv",
 ]
