@@ -16,7 +16,10 @@ than its minimum is recorded as skipped):
 4. **gradient checkpointing**: peft_edu LoRA with and without transformers' checkpointing (use_reentrant=True, its
    default, which peft_edu mends): peak step memory saved, step time paid, and the largest difference between the
    two runs' gradients.
-5. **chapter run**: the LoRA chapter's experiment at full length (MiniLM on the whole polarity training split,
+5. **distributed**: ``tests/distributed_worker.py`` (the CPU test's training script) on the card: DDP with two
+   processes sharing it (gloo, which takes CUDA tensors) against one process; the largest difference of the
+   saved adapters and the wall time of each launch.
+6. **chapter run**: the LoRA chapter's experiment at full length (MiniLM on the whole polarity training split,
    ``peft_edu.training.train``); needs the course's assets, else skipped.
 
 Results go to ``benchmarks/results/gpu/<card-name-slug>/``: ``gpu_check.json`` (everything, with the command,
@@ -284,6 +287,31 @@ def checkpointing(ctx) -> dict:
             "max_grad_difference": max_diff, "adapter_tensors_without_gradient": len(missing)}
 
 
+def distributed(ctx) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).resolve().parents[1] / "tests" / "distributed_worker.py"
+    env = {**os.environ, "PEFT_EDU_DEVICE": ctx["device"].type, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    launches, adapters = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for engine in ("single", "ddp"):
+            out = Path(folder) / engine
+            command = [sys.executable, str(worker), engine, str(out)] if engine == "single" else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+                engine, str(out)]
+            begin = time.monotonic()
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+            launches[engine] = {"seconds": time.monotonic() - begin, "returncode": done.returncode}
+            if done.returncode:
+                raise RuntimeError(f"{engine} failed: {(done.stdout + done.stderr)[-1500:]}")
+            adapters[engine] = load_file(out / "adapter_model.safetensors")
+    diff = max((adapters["ddp"][k] - v).abs().max().item() for k, v in adapters["single"].items())
+    return {"engines": launches, "device": ctx["device"].type, "max_adapter_difference_ddp_vs_single": diff,
+            "targets": [{"passed": diff <= 1e-5, "target": f"DDP adapter = one-process adapter (max diff {diff:.2e}, "
+                                                           "tolerance 1e-5)"}]}
+
+
 def chapter_lora(ctx) -> dict:
     import torch
 
@@ -311,6 +339,7 @@ PARTS = [  # name, function, minimum seconds left to start it, its own limit (se
     ("harness_autocast_bf16", lambda ctx: harness(ctx, "autocast_bf16"), 60, 120),
     ("qlora", qlora, 45, 120),
     ("gradient_checkpointing", checkpointing, 30, 90),
+    ("distributed", distributed, 30, 90),
     ("chapter_lora_full_run", chapter_lora, 30, 120),
 ]
 

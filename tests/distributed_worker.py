@@ -3,6 +3,9 @@
     torchrun --nproc_per_node 2 tests/distributed_worker.py ENGINE OUT_DIR     (ENGINE: ddp, accelerate, fsdp2)
     python tests/distributed_worker.py single OUT_DIR                           (the one-process reference)
 
+PEFT_EDU_DEVICE=cuda runs the same on the GPU (the GPU check, ``benchmarks/gpu_check.py``): both processes share
+one card, so the process group stays gloo (NCCL refuses two ranks on one device), which handles CUDA tensors.
+
 Every run sees the same global batches (GLOBAL_BATCH rows a step); with two processes each takes its half.
 The model is unchanged peft_edu (LoRA on the attention plus the trained classification head): only the
 engine differs. The main process writes the adapter with ``peft_edu.save_adapter``; the test compares it
@@ -11,6 +14,7 @@ with the one-process run's.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,13 +27,14 @@ from parity import build_batch, build_tiny  # noqa: E402
 import peft_edu  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SEQ = 4, 8, 8
+DEVICE = torch.device(os.environ.get("PEFT_EDU_DEVICE", "cpu"))
 
 
 def adapted_model() -> torch.nn.Module:
     base = build_tiny("bert_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(1)
     config = peft_edu.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return peft_edu.get_peft_model(base, config).train()
+    return peft_edu.get_peft_model(base, config).to(DEVICE).train()
 
 
 def batches(rank: int, world_size: int):
@@ -37,7 +42,7 @@ def batches(rank: int, world_size: int):
     share = GLOBAL_BATCH // world_size
     for step in range(STEPS):
         batch = build_batch("bert_cls", batch=GLOBAL_BATCH, seq=SEQ, seed=100 + step)
-        yield {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+        yield {k: v[rank * share:(rank + 1) * share].to(DEVICE) for k, v in batch.items()}
 
 
 def train(model, optimizer, rank: int, world_size: int, backward=None) -> None:
@@ -62,7 +67,7 @@ def main(engine: str, out: Path) -> None:
 
     if engine == "accelerate":
         from accelerate import Accelerator
-        accelerator = Accelerator(cpu=True)  # starts gloo from torchrun's environment
+        accelerator = Accelerator(cpu=DEVICE.type == "cpu")  # starts its process group from torchrun's environment
         model = adapted_model()
         model, optimizer = accelerator.prepare(model, optimizer_for(model))
         train(model, optimizer, accelerator.process_index, accelerator.num_processes, backward=accelerator.backward)
@@ -81,7 +86,7 @@ def main(engine: str, out: Path) -> None:
     elif engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (world_size,))
+        mesh = init_device_mesh(DEVICE.type, (world_size,))
         for layer in model.bert.encoder.layer:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -98,8 +103,8 @@ def main(engine: str, out: Path) -> None:
 def unsharded_copy(model):
     """FSDP2 keeps each parameter as a DTensor shard: the same peft_edu model, not sharded, with the full values."""
     from torch.distributed.tensor import DTensor
-    full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for name, p in model.named_parameters()}
-    plain = adapted_model()
+    full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu() for name, p in model.named_parameters()}
+    plain = adapted_model().cpu()
     with torch.no_grad():
         for name, param in plain.named_parameters():
             param.copy_(full[name])
