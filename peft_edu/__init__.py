@@ -29,6 +29,8 @@ from .quantization import NF4Weight, dequantize_nf4, quantize_nf4
 from .registry import register_method
 from .named_adapters import active_adapter, delete_adapter, list_adapters, set_adapter
 from .adapter_arithmetic import add_weighted_adapter
+from .composition import (Fuse, Stack, add_adapter_fusion, composition_parameters, load_adapter_fusion,
+                          save_adapter_fusion, set_active_adapters)
 from .model import (
     add_adapter,
     count_parameters,
@@ -49,7 +51,8 @@ __all__ = [
     "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig", "ParBnConfig", "ConfigUnion", "MAMConfig", "BottleneckAdapter",
     "PrefixTuningConfig", "PromptTuningConfig", "PrefixEncoder", "PromptEmbedding", "register_method",
     "merge_and_unload", "disable_adapter", "add_adapter", "set_adapter", "delete_adapter", "active_adapter",
-    "list_adapters", "add_weighted_adapter",
+    "list_adapters", "add_weighted_adapter", "Stack", "Fuse", "set_active_adapters", "add_adapter_fusion",
+    "composition_parameters", "save_adapter_fusion", "load_adapter_fusion",
     "Linear4bit", "quantize_model", "NF4Weight", "quantize_nf4", "dequantize_nf4",
     "LoraConv", "DoraConv", "LoraEmbedding", "DoraEmbedding", "LoraMultiheadAttention", "IA3Conv",
 ]

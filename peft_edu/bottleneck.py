@@ -459,16 +459,31 @@ class BottleneckAdapter(AdapterLayer):
         else:
             raise ValueError(f"init_weights={init_weights!r}: 'bert', 'houlsby' or 'mam_adapter'.")
 
-    def adapter(self, z: torch.Tensor) -> torch.Tensor:
-        """A(z) = s · (W_up f(W_down z + b_down) + b_up), then the adapter's dropout (z normalised first with ln_before)."""
+    def up_projection(self, z: torch.Tensor) -> torch.Tensor:
+        """s · (W_up f(W_down z + b_down) + b_up), before the dropout (z normalised first with ln_before); AdapterFusion
+        attends over these (``composition.py``)."""
         if self.adapter_norm_before is not None:
             z = self.adapter_norm_before(z)
-        return self.dropout(self.adapter_up(self.non_linearity(self.adapter_down(z))) * self.scaling)
+        return self.adapter_up(self.non_linearity(self.adapter_down(z))) * self.scaling
+
+    def adapter(self, z: torch.Tensor) -> torch.Tensor:
+        """A(z) = s · (W_up f(W_down z + b_down) + b_up), then the adapter's dropout (z normalised first with ln_before)."""
+        return self.dropout(self.up_projection(z))
 
     def _serial(self, h: torch.Tensor, x: torch.Tensor | None, layer_norm: nn.Module | None) -> torch.Tensor:
         """A serial adapter on h: its input z and its skip connection r, as AdapterHub's ``Adapter`` forms them.
 
         With the presets (residual_before_ln=True, no new LayerNorms) this is A(z) + h, z = h or LN(h + x)."""
+        z, r = self.serial_input(h, x, layer_norm)
+        a = self.adapter(z)
+        if self.adapter_norm_after is None:
+            return a + r
+        if self.adapter_residual_before_ln:
+            return self.adapter_norm_after(a + r)
+        return self.adapter_norm_after(a) + r
+
+    def serial_input(self, h: torch.Tensor, x: torch.Tensor | None, layer_norm: nn.Module | None):
+        """(z, r): what the serial adapter reads and what its skip connection carries (AdapterHub's ``pre_forward``)."""
         r = h
         z = h
         if self.original_ln_before:
@@ -479,12 +494,7 @@ class BottleneckAdapter(AdapterLayer):
                 z = layer_norm(z)
         if self.residual_before_ln is False:
             r = z
-        a = self.adapter(z)
-        if self.adapter_norm_after is None:
-            return a + r
-        if self.adapter_residual_before_ln:
-            return self.adapter_norm_after(a + r)
-        return self.adapter_norm_after(a) + r
+        return z, r
 
     def _parallel(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A parallel adapter on x, added next to the sublayer's output h (AdapterHub's ``ParallelAdapter``)."""
@@ -502,6 +512,9 @@ class BottleneckAdapter(AdapterLayer):
         base = self.base_layer
         h = base.dropout(base.dense(hidden_states))  # the sublayer's output
         x = input_tensor                             # the sublayer's input, its skip connection
+        composition = self.__dict__.get("composition")  # Stack / Fuse of named adapters (composition.py)
+        if composition is not None:
+            return composition.forward_site(self, h, x)
         out = self._parallel(h, x) if self.is_parallel else self._serial(h, x, base.LayerNorm)
         return base.LayerNorm(out + x) if self.original_ln_after else out
 

@@ -388,7 +388,9 @@ def load_adapter(base_model: nn.Module, directory: str | Path, is_trainable: boo
                          "would be dropped; load the model with its weights first (e.g. from_pretrained without "
                          "device_map='meta' / init_empty_weights).")
     if is_adapterhub_directory(directory):
-        config, saved = read_adapterhub_directory(base_model, directory)
+        # the conversion reads the base model's layers: with adapters in the model, read it with them taken out
+        with disable_adapter(base_model) if hasattr(base_model, "peft_edu_parked") else contextlib.nullcontext():
+            config, saved = read_adapterhub_directory(base_model, directory)
     else:
         config = load_config(directory)
         saved = read_weights(directory)

@@ -52,6 +52,10 @@ def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = Fals
     adapter that was active is parked, frozen."""
     active_config(model)
     _check_known(model, adapter_name)
+    composition = getattr(model, "peft_edu_composition", None)
+    if composition is not None:  # it hangs on the active adapter's modules: switching would bring it back later
+        raise ValueError(f"set_adapter(model, {adapter_name!r}): the composition {composition!r} is active; end it "
+                         "first with peft_edu.set_active_adapters(model, None).")
     if adapter_name != model.peft_edu_active_adapter:
         refuse_while_merged(model, "switch to another adapter")
         chosen = model.peft_edu_parked.pop(adapter_name)
