@@ -16,6 +16,7 @@ PROMPT_GENERIC = {
     "q2": r"does not return \[1ⁿ; mask\]",
     "q3": r"does not equal softmax\(q \[P_K; K\]ᵀ",
     "q4": r"does not equal Σ exp",
+    "q5": r"is not the factor by which n zero keys",
 }
 
 
@@ -34,6 +35,15 @@ def _softmax_attention(q, K, V, scale=True):
     return torch.softmax(s, dim=-1) @ V
 
 
+def _ones_in_front(m, n):
+    return torch.cat([m.new_ones(m.shape[0], n), m], 1)
+
+
+def _real_share(q, K, scale=True):
+    s = q @ K.T
+    return (s / q.shape[-1] ** 0.5 if scale else s).exp().sum(-1)
+
+
 def _gate(q, K, P_K, scale=True, reduce="sum"):
     c = q.shape[-1] ** 0.5 if scale else 1.0
     a, b = (q @ P_K.T / c).exp(), (q @ K.T / c).exp()
@@ -48,8 +58,9 @@ PROMPT_METHODS = Chapter(
         "q2": ("extend_attention_mask", checks.check_extend_attention_mask),
         "q3": ("prefix_attention", checks.check_prefix_attention),
         "q4": ("gate_lambda", checks.check_gate_lambda),
+        "q5": ("zero_prefix_scale", checks.check_zero_prefix_scale),
     },
-    stub_must_not_contain=("softmax", "torch.cat", "2 * num_layers"),
+    stub_must_not_contain=("softmax", "torch.cat", "2 * num_layers", ".exp()"),
     stub_feedback=r"not implemented yet",
     wrong={
         "q1": [
@@ -73,6 +84,21 @@ PROMPT_METHODS = Chapter(
             ("modifies-in-place", lambda m, n: torch.cat([m.new_ones(m.shape[0], n), m.zero_().add_(1)], 1),
              r"changed the mask in place"),
             ("all-ones", lambda m, n: m.new_ones(m.shape[0], m.shape[1] + n), PROMPT_GENERIC["q2"]),
+            # dtype and device: every seed passes int64, int32, bool and float32 masks, and one on the meta device
+            ("peft-float32-ones", lambda m, n: torch.cat([torch.ones(m.shape[0], n, device=m.device), m], 1),
+             r"keep the mask's dtype .* That is what PEFT returns"),
+            ("int64-ones", lambda m, n: torch.cat([torch.ones(m.shape[0], n, dtype=torch.long, device=m.device), m], 1),
+             r"you return dtype int64: keep the mask's dtype \((int32|bool)\)\. torch.cat promoted"),
+            ("int64-for-a-bool-mask", lambda m, n: _ones_in_front(m.long() if m.dtype == torch.bool else m, n),
+             r"for a bool mask .* you return dtype int64"),
+            ("always-bool", lambda m, n: _ones_in_front(m, n).bool(), r"keep the mask's dtype"),
+            ("ones-on-the-cpu", lambda m, n: torch.cat([torch.ones(m.shape[0], n, dtype=m.dtype), m], 1),
+             r"'meta' device .* raised RuntimeError: .* on the mask's device"),
+            ("result-moved-to-the-cpu", lambda m, n: _ones_in_front(m, n).cpu(),
+             r"'meta' device .* raised NotImplementedError: Cannot copy out of meta tensor"),
+            ("result-made-on-the-cpu", lambda m, n: torch.ones(m.shape[0], m.shape[1] + n, dtype=m.dtype).copy_(
+                _ones_in_front(m, n)) if m.device.type != "meta" else torch.ones(m.shape[0], m.shape[1] + n, dtype=m.dtype),
+             r"your result is on the cpu device"),
         ],
         "q3": [
             ("real-keys-only", lambda q, K, V, PK, PV: _softmax_attention(q, K, V), r"ignores the prefix"),
@@ -91,6 +117,8 @@ PROMPT_METHODS = Chapter(
             ("prefix-as-queries", lambda q, K, V, PK, PV: _softmax_attention(torch.cat([PK, q]), torch.cat([PK, K]),
                                                                              torch.cat([PV, V])),
              r"should have shape"),
+            ("float32-for-float64-inputs", lambda q, K, V, PK, PV: _softmax_attention(
+                q.float(), torch.cat([PK, K]).float(), torch.cat([PV, V]).float()), r"keep the inputs' dtype"),
             ("P_K-as-values",
              lambda q, K, V, PK, PV: _softmax_attention(q, torch.cat([PK, K]), torch.cat([PK[:, :V.shape[1]], V])),
              PROMPT_GENERIC["q3"]),
@@ -102,9 +130,27 @@ PROMPT_METHODS = Chapter(
             ("counts-keys", lambda q, K, PK: torch.full((q.shape[0],), PK.shape[0] / (PK.shape[0] + K.shape[0])),
              r"not a count of keys"),
             ("keepdim-shape", lambda q, K, PK: _gate(q, K, PK)[:, None], r"Right values, but shape"),
+            ("float32-for-float64-inputs", lambda q, K, PK: _gate(q.float(), K.float(), PK.float()),
+             r"keep the inputs' dtype"),
             ("scores-not-exponentials",
              lambda q, K, PK: (q @ PK.T).sum(-1) / ((q @ PK.T).sum(-1) + (q @ K.T).sum(-1)),
              PROMPT_GENERIC["q4"]),
+        ],
+        "q5": [
+            ("no-op-ones", lambda q, K, n: torch.ones(q.shape[0], dtype=q.dtype), r"as a no-op"),
+            ("no-op-number", lambda q, K, n: 1, r"as a no-op"),
+            ("zeros", lambda q, K, n: torch.zeros(q.shape[0], dtype=q.dtype), r"You return 0"),
+            ("returns-lambda", lambda q, K, n: n / (n + _real_share(q, K)), r"prefix's share of the attention, λ"),
+            ("counts-one-virtual-token", lambda q, K, n: _real_share(q, K) / (1 + _real_share(q, K)),
+             r"counted one virtual token"),
+            ("unscaled", lambda q, K, n: _real_share(q, K, scale=False) / (n + _real_share(q, K, scale=False)),
+             r"not scaled"),
+            ("counts-keys", lambda q, K, n: torch.full((q.shape[0],), K.shape[0] / (n + K.shape[0]), dtype=q.dtype),
+             r"depends on the scores"),
+            ("float32-for-float64-inputs", lambda q, K, n: _real_share(q.float(), K.float()) / (n + _real_share(q.float(), K.float())),
+             r"keep the inputs' dtype"),
+            ("means-not-sums", lambda q, K, n: (q @ K.T / q.shape[-1] ** 0.5).exp().mean(-1) /
+             (n + (q @ K.T / q.shape[-1] ** 0.5).exp().mean(-1)), PROMPT_GENERIC["q5"]),
         ],
     },
 )

@@ -75,6 +75,40 @@ CHAPTERS = {
         "feedback": ["wrong axis", "missing its scaling alpha / r", "gradient flows through ‖V‖",
                      "as if detaching changed nothing"],
     },
+    "prompt_methods": {
+        "points": {"q1": 1.0, "q2": 1.0, "q3": 2.0, "q4": 2.0, "q5": 2.0},
+        "answers": ["prefix_param_count", "extend_attention_mask", "prefix_attention", "gate_lambda",
+                    "zero_prefix_scale"],
+        "right": {
+            "q1": ("def prefix_param_count(num_virtual_tokens, num_layers, hidden, projection_hidden=None):\n"
+                   "    n, out, h = num_virtual_tokens, 2 * num_layers * hidden, projection_hidden\n"
+                   "    return n * out if h is None else n * hidden + hidden * h + h + h * out + out"),
+            "q2": ("def extend_attention_mask(mask, n):\n"
+                   "    return torch.cat([torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device), mask], 1)"),
+            "q3": ("def prefix_attention(q, K, V, P_K, P_V):\n"
+                   "    scores = q @ torch.cat([P_K, K]).T / K.shape[1] ** 0.5\n"
+                   "    return torch.softmax(scores, dim=-1) @ torch.cat([P_V, V])"),
+            "q4": ("def gate_lambda(q, K, P_K):\n"
+                   "    weights = torch.softmax(q @ torch.cat([P_K, K]).T / q.shape[1] ** 0.5, dim=-1)\n"
+                   "    return weights[:, :P_K.shape[0]].sum(-1)"),
+            "q5": ("def zero_prefix_scale(q, K, n):\n"
+                   "    real = torch.exp(q @ K.T / q.shape[1] ** 0.5).sum(-1)\n"
+                   "    return real / (real + n)"),
+        },
+        "wrong": {
+            "q1": ("def prefix_param_count(num_virtual_tokens, num_layers, hidden, projection_hidden=None):\n"
+                   "    return num_virtual_tokens * num_layers * hidden"),
+            "q2": ("def extend_attention_mask(mask, n):\n"
+                   "    return torch.cat([mask, mask.new_ones(mask.shape[0], n)], 1)"),
+            "q3": ("def prefix_attention(q, K, V, P_K, P_V):\n"
+                   "    return torch.softmax(q @ torch.cat([P_K, K]).T, dim=-1) @ torch.cat([P_V, V])"),
+            "q4": ("def gate_lambda(q, K, P_K):\n"
+                   "    weights = torch.softmax(q @ torch.cat([P_K, K]).T / q.shape[1] ** 0.5, dim=-1)\n"
+                   "    return weights[:, P_K.shape[0]:].sum(-1)"),
+            "q5": "def zero_prefix_scale(q, K, n):\n    return torch.ones(q.shape[0], dtype=q.dtype)",
+        },
+        "feedback": ["factor 2 is missing", "appended the ones", "not scaled", "You returned 1 − λ", "as a no-op"],
+    },
     "qlora": {
         "points": {"q1": 1.0, "q2": 1.0, "q3": 2.0},
         "answers": ["block_codes", "pack_codes", "dequantize_blocks"],
