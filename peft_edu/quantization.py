@@ -126,8 +126,9 @@ CODE_BOOKS = {"nf4": NF4_LEVELS, "fp4": FP4_LEVELS, "int4": INT4_LEVELS}  # quan
 
 def _level_pair_words(levels: torch.Tensor) -> torch.Tensor:
     """The two levels each of the 256 byte values stands for (high nibble first), side by side in one 8-byte word:
-    dequantising is then one 8-byte lookup per byte, not unpacking nibbles and a lookup per value (≈ 8× faster on
-    CPU, as fast as bitsandbytes' C kernel)."""
+    dequantising is then one 8-byte lookup per byte, with no shifts or masks, instead of unpacking nibbles and a
+    lookup per value (several times faster on CPU; bitsandbytes' C kernel, one fused pass, is still ≈ 2× faster in
+    isolation, see benchmarks/results/qlora_cpu.md)."""
     byte = torch.arange(256)
     return torch.stack([levels[byte >> 4], levels[byte & 0x0F]], dim=1).view(torch.int64).view(-1)
 
@@ -169,8 +170,12 @@ class QuantizedAbsmax:
     offset: torch.Tensor  # float32 scalar, the mean that was subtracted
 
     def dequantize(self) -> torch.Tensor:
-        levels = DYNAMIC_LEVELS.to(self.codes.device)[self.codes.long()]
-        return _scale_blocks_(levels, self.scales, ABSMAX_BLOCK_SIZE) + self.offset
+        # Decoded on every call, not cached on the layer: a float32 cache would add 32 bits per 64 weights (0.5 bit
+        # per parameter, 6.6 MB on SmolLM2), more than double quantisation saves (0.373), and decoding costs only
+        # ≈ 4 % of dequantising the weight (benchmarks/results/qlora_cpu.md).
+        # index_select, not DYNAMIC_LEVELS[codes.long()]: advanced indexing is several times slower on CPU.
+        levels = torch.index_select(DYNAMIC_LEVELS.to(self.codes.device), 0, self.codes.int())
+        return _scale_blocks_(levels, self.scales, ABSMAX_BLOCK_SIZE).add_(self.offset)
 
 
 @dataclass(frozen=True)
@@ -311,11 +316,15 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = BLOCK_SIZE, double_quan
 
 
 def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
-    """values × the absmax of their block, in float32, in place (a partial last block is padded, then cut)."""
-    count, whole = values.numel(), absmax.numel() * block_size
-    if count < whole:
-        values = torch.nn.functional.pad(values, (0, whole - count))
-    return values.view(-1, block_size).mul_(absmax.unsqueeze(1)).view(-1)[:count]
+    """values × the absmax of their block, in float32, in place. The full blocks are a (blocks, block_size) view
+    times a (blocks, 1) column of absmax (broadcasting: the absmax is never repeated to one per value, and nothing
+    is copied); a partial last block is one slice times its absmax."""
+    full = values.numel() // block_size
+    end = full * block_size
+    values[:end].view(full, block_size).mul_(absmax[:full].unsqueeze(1))
+    if end < values.numel():
+        values[end:].mul_(absmax[full])
+    return values
 
 
 def dequantize_4bit(weight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -326,9 +335,13 @@ def dequantize_4bit(weight: NF4Weight, dtype: torch.dtype | None = None) -> torc
                         f"{type(weight).__name__}.")
     count = math.prod(weight.shape)
     words = _LEVEL_PAIR_WORDS[weight.quant_type].to(weight.codes.device)
+    # One 8-byte lookup per byte gives both of its levels. index_select with int32 indices: advanced indexing
+    # (words[codes.long()]) is several times slower, and a uint8 index would be read as a mask.
     pairs = torch.index_select(words, 0, weight.codes.view(-1).int())
     values = pairs.view(torch.float32)[:count]  # an odd count drops the padding value of the last byte
     absmax = weight.absmax_values().float()
+    # Rounded once, after the float32 product (a no-op for float32). Multiplying straight into a bfloat16 output
+    # (torch.mul(..., out=)) rounds the same but is slower on CPU: the cast then sits inside the multiply's loop.
     return _scale_blocks_(values, absmax, weight.block_size).to(dtype or weight.dtype).view(weight.shape)
 
 

@@ -163,6 +163,25 @@ def test_the_4bit_layer_keeps_only_the_packed_weight_for_backward():
     torch.testing.assert_close(x.grad, expected_x.grad)  # ∂L/∂x through the dequantised W₀, dequantised again
 
 
+@pytest.mark.parametrize("input_needs_grad", [True, False], ids=["input-grad", "no-input-grad"])
+def test_the_4bit_layer_dequantises_once_in_forward_and_in_backward_only_for_the_inputs_gradient(
+        monkeypatch, input_needs_grad):
+    """Two dequantisations per training step at most, as bitsandbytes does: backward needs W₀ only for ∂L/∂x
+    (the frozen W₀ gets no gradient), so a layer whose input needs none (the first layer's) dequantises once."""
+    import peft_edu.qlora
+
+    calls = []
+    counting = lambda weight, dtype=None: calls.append(dtype) or dequantize_nf4(weight, dtype)  # noqa: E731
+    monkeypatch.setattr(peft_edu.qlora, "dequantize_nf4", counting)
+    layer = Linear4bit.from_linear(nn.Linear(128, 96))
+    layer.bias.requires_grad_(True)  # something to backpropagate into when x needs no gradient
+    x = torch.randn(5, 128, requires_grad=input_needs_grad)
+    out = layer(x)
+    assert calls == [torch.float32]
+    out.pow(2).sum().backward()
+    assert calls == [torch.float32] * (2 if input_needs_grad else 1)
+
+
 def test_bitsandbytes_layers_read_right_after_repacking_for_their_fused_cpu_kernel(base_folder, batch):
     """On a CPU with AVX-512 BF16, an eval forward repacks bitsandbytes' layers for its fused kernel, rounding the
     absmax to bfloat16. The reader undoes the repacking on a copy, as bitsandbytes' state_dict does, which quantises
