@@ -38,6 +38,8 @@ import peft_edu
 from peft_edu.assets import load_causal_lm
 from peft_edu.memory import measure_training_step
 
+from dora_lora_bench import cpu_name  # noqa: E402 (same folder)
+
 METHODS = {
     "lora": lambda: peft_edu.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     "dora": lambda: peft_edu.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True,
@@ -114,7 +116,7 @@ def main(argv=None) -> dict:
                      "time_ratio_range": [min(ratios), max(ratios)]})
         del variants
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     result = {
         "command": "python benchmarks/checkpointing_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -61,7 +61,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -440,12 +439,9 @@ def machine_info(device) -> dict:
         except ImportError:
             return "missing"
 
-    cpu = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001 - lscpu missing: keep platform's answer
-        pass
+    from dora_lora_bench import cpu_name  # same folder
+
+    cpu = cpu_name()
     info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": version("peft"),

@@ -188,17 +188,20 @@ def bench_model(name: str, args, device, dtype) -> dict:
 
 
 # --- report ---------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    """The CPU's model name from lscpu (platform.processor() often says only "x86_64")."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except Exception:  # noqa: BLE001 - lscpu missing: keep platform's answer
+        return platform.processor() or "unknown"
+
+
 def machine_info(device) -> dict:
     import peft
     import transformers
 
-    cpu = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001 - lscpu missing: keep platform's answer
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "peft": peft.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "device": str(device)}
     if device.type == "cuda":

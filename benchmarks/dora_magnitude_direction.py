@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,12 +176,9 @@ def machine_info() -> dict:
     import peft
     import transformers
 
-    cpu = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001 - lscpu missing: keep platform's answer
-        pass
+    from dora_lora_bench import cpu_name  # same folder
+
+    cpu = cpu_name()
     return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "peft_edu": importlib.metadata.version("peft_edu"), "python": platform.python_version()}

@@ -79,6 +79,22 @@ def _close(a, b, atol=1e-5, rtol=1e-4) -> bool:
     return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.float(), b, atol=atol, rtol=rtol)
 
 
+# --- for chapters whose requests alternate dtypes (float32 for even seeds, float64 for odd) -----------------------
+def _seed_dtype(seed: int) -> torch.dtype:
+    return torch.float64 if seed % 2 else torch.float32
+
+
+def _randn(g, *shape, dtype) -> torch.Tensor:
+    """Normal draws made in float64 and then cast, so a seed gives the same numbers in either dtype."""
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _close64(a, b, atol=1e-5, rtol=1e-4) -> bool:
+    """``a`` equals ``b`` up to rounding, compared in float64 (either may be float32 or float64)."""
+    return (isinstance(a, torch.Tensor) and a.is_floating_point() and tuple(a.shape) == tuple(b.shape)
+            and torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol))
+
+
 
 @dataclass(frozen=True, repr=False)
 class Exercise:

@@ -13,21 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .core import Exercise, _answer_kind, _call, _capture, _fail, _require_callable, _run, _value_of
+from .core import (Exercise, _answer_kind, _call, _capture, _close64, _fail, _randn, _require_callable, _run, _seed_dtype,
+                   _value_of)
 
-
-def _dtype(seed: int) -> torch.dtype:
-    return torch.float64 if seed % 2 else torch.float32
-
-
-def _randn(g, *shape, dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _close(a, b, atol=1e-5, rtol=1e-4) -> bool:
-    """``a`` equals ``b`` up to rounding, compared in float64 (either may be float32 or float64)."""
-    return (isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape == b.shape
-            and torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol))
 
 
 def _require_dtype(got: torch.Tensor, given: torch.Tensor, name: str) -> None:
@@ -40,7 +28,7 @@ def _require_dtype(got: torch.Tensor, given: torch.Tensor, name: str) -> None:
 def _row_norm_request(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     d_out, d_in = 5 + seed % 3, 9 + seed % 4  # never square: the wrong axis gives the wrong shape
-    dtype = _dtype(seed)
+    dtype = _seed_dtype(seed)
     return {"W": _randn(g, d_out, d_in, dtype=dtype) * (1 + torch.rand(d_out, 1, generator=g)).to(dtype)}
 
 
@@ -59,23 +47,23 @@ def _row_norm_judge(q: dict, observed: dict) -> None:
     got = _value_of(observed["call"], "weight_norm")
     W = q["W"]
     want = torch.linalg.vector_norm(W, dim=1)
-    if _close(got, want):
+    if _close64(got, want):
         _require_dtype(got, W, "weight_norm")
         return
     if not isinstance(got, torch.Tensor):
         _fail(f"weight_norm should return a tensor, it returned {got.get('type') if isinstance(got, dict) else type(got).__name__}.")
     if not torch.equal(observed["W_after"], W):
         _fail("weight_norm changed W in place; compute the norms without modifying the weight.")
-    if _close(got, torch.linalg.vector_norm(W, dim=0)):
+    if _close64(got, torch.linalg.vector_norm(W, dim=0)):
         _fail(f"You took the norm over the wrong axis: one number per input feature (shape {tuple(W.shape[1:])}). "
               f"nn.Linear stores W as (d_out, d_in); DoRA needs one norm per output feature, over d_in (dim=1), "
               f"shape ({W.shape[0]},).")
-    if got.numel() == 1 and _close(got.reshape(()), torch.linalg.vector_norm(W)):
+    if got.numel() == 1 and _close64(got.reshape(()), torch.linalg.vector_norm(W)):
         _fail("You returned the norm of the whole matrix (one number); DoRA needs one norm per output feature (per row).")
-    if got.shape == (W.shape[0], 1) and _close(got.squeeze(1), want):
+    if got.shape == (W.shape[0], 1) and _close64(got.squeeze(1), want):
         _fail(f"Right values, but shape (d_out, 1) = {tuple(got.shape)}: return shape ({W.shape[0]},), "
               "without keepdim (the magnitude vector m has that shape).")
-    if _close(got, want.square()):
+    if _close64(got, want.square()):
         _fail("You returned the squared norms: take the square root (torch.linalg.vector_norm does).")
     if got.shape != want.shape:
         _fail(f"weight_norm should return shape (d_out,) = ({W.shape[0]},), one norm per output feature; yours has {tuple(got.shape)}.")
@@ -90,7 +78,7 @@ check_weight_norm = Exercise(
 # --- DoRA chapter: the merged DoRA weight -------------------------------------------------------
 def _dora_weight_request(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    d_in, d_out, r, dtype = 11 + seed % 3, 6 + seed % 2, 2 + seed % 2, _dtype(seed)
+    d_in, d_out, r, dtype = 11 + seed % 3, 6 + seed % 2, 2 + seed % 2, _seed_dtype(seed)
     W0 = _randn(g, d_out, d_in, dtype=dtype)
     return {"W0": W0, "A": _randn(g, r, d_in, dtype=dtype) * 0.5, "B": _randn(g, d_out, r, dtype=dtype) * 0.5,
             "m": torch.linalg.vector_norm(W0, dim=1) * (0.5 + torch.rand(d_out, generator=g)).to(dtype),
@@ -119,26 +107,26 @@ def _dora_weight_judge(q: dict, observed: dict) -> None:
         return V / torch.linalg.vector_norm(V, dim=dim, keepdim=True)
 
     V = W0 + (alpha / r) * (B @ A)
-    if _close(got, m[:, None] * direction(alpha / r)):
+    if _close64(got, m[:, None] * direction(alpha / r)):
         _require_dtype(got, W0, "dora_weight")
         return
     if not isinstance(got, torch.Tensor) or got.shape != W0.shape:
         _fail(f"dora_weight should return a tensor of W0's shape {tuple(W0.shape)} (d_out, d_in).")
-    if _close(got, m[:, None] * direction(alpha / r, dim=0)):
+    if _close64(got, m[:, None] * direction(alpha / r, dim=0)):
         _fail("You normalised over the wrong axis (each column, one norm per input feature). DoRA normalises each "
               "output feature: the norm over d_in, dim=1 of the (d_out, d_in) matrix.")
-    if _close(got, m[:, None] * direction(1.0)):
+    if _close64(got, m[:, None] * direction(1.0)):
         _fail("The low-rank update is missing its scaling alpha / r: V = W0 + (alpha/r)·B A.")
-    if _close(got, m[:, None] * direction(alpha)):
+    if _close64(got, m[:, None] * direction(alpha)):
         _fail("You scaled BA by alpha; LoRA's (and DoRA's) scaling is alpha / r.")
-    if _close(got, m[:, None] * V / torch.linalg.vector_norm(W0, dim=1, keepdim=True)):
+    if _close64(got, m[:, None] * V / torch.linalg.vector_norm(W0, dim=1, keepdim=True)):
         _fail("You divided by the norm of W0; DoRA divides by the norm of the adapted V = W0 + (alpha/r)·B A, "
               "so that each row of the direction has length 1.")
-    if _close(got, direction(alpha / r)):
+    if _close64(got, direction(alpha / r)):
         _fail("You returned the direction V/‖V‖ only: multiply each row by its magnitude m.")
-    if _close(got, m[:, None] * V):
+    if _close64(got, m[:, None] * V):
         _fail("You did not normalise V: divide each row by its norm before multiplying by m.")
-    if _close(got, V):
+    if _close64(got, V):
         _fail("You returned the LoRA weight W0 + (alpha/r)·B A: DoRA rescales each row to length m.")
     _fail("dora_weight does not equal m ⊙ V / ‖V‖ (per row), V = W0 + (alpha/r)·B A. "
           "m has one entry per output feature: broadcast it over the rows (m[:, None]).")
@@ -152,7 +140,7 @@ check_dora_weight = Exercise(
 # --- DoRA chapter: the forward pass, with the norm detached --------------------------------------
 def _dora_forward_request(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    d_in, d_out, r, dtype = 10 + seed % 3, 7 + seed % 2, 3 - seed % 2, _dtype(seed)
+    d_in, d_out, r, dtype = 10 + seed % 3, 7 + seed % 2, 3 - seed % 2, _seed_dtype(seed)
     batch, tokens = 2 + seed % 2, 4 + seed % 3
     W0 = _randn(g, d_out, d_in, dtype=dtype)
     return {"x": _randn(g, batch, tokens, d_in, dtype=dtype), "W0": W0, "A": _randn(g, r, d_in, dtype=dtype) * 0.5,
@@ -191,23 +179,23 @@ def _dora_forward_judge(q: dict, observed: dict) -> None:
     _require_callable(observed, "dora_forward")
     got = _value_of(observed["call"], "dora_forward")
     want, grads = _dora_forward_reference(q)
-    if not _close(got, want):
+    if not _close64(got, want):
         if not isinstance(got, torch.Tensor):
             _fail(f"dora_forward should return a tensor, it returned {got.get('type') if isinstance(got, dict) else type(got).__name__}.")
         if got.shape != want.shape:
             _fail(f"The output should have shape {tuple(want.shape)} (batch, tokens, d_out), yours has {tuple(got.shape)}.")
         x, W0, A, B, m, s = q["x"], q["W0"], q["A"], q["B"], q["m"], q["alpha"] / q["r"]
         V = W0 + s * (B @ A)
-        if _close(got, x @ (m[:, None] * V / torch.linalg.vector_norm(V, dim=0, keepdim=True)).T) or \
-                _close(got, x @ (V / torch.linalg.vector_norm(V, dim=0, keepdim=True)).T * m):
+        if _close64(got, x @ (m[:, None] * V / torch.linalg.vector_norm(V, dim=0, keepdim=True)).T) or \
+                _close64(got, x @ (V / torch.linalg.vector_norm(V, dim=0, keepdim=True)).T * m):
             _fail("You normalised over the wrong axis (one norm per input feature); DoRA takes one norm per output "
                   "feature, over d_in (dim=1 of W0's (d_out, d_in)).")
         V1 = W0 + B @ A
-        if _close(got, x @ (m[:, None] * V1 / torch.linalg.vector_norm(V1, dim=1, keepdim=True)).T):
+        if _close64(got, x @ (m[:, None] * V1 / torch.linalg.vector_norm(V1, dim=1, keepdim=True)).T):
             _fail("The low-rank update is missing its scaling alpha / r: V = W0 + (alpha/r)·B A.")
-        if _close(got, x @ V.T):
+        if _close64(got, x @ V.T):
             _fail("Your output is plain LoRA, x (W0 + (alpha/r)·BA)ᵀ: DoRA rescales each output feature by m / ‖V‖.")
-        if _close(got, x @ (V / torch.linalg.vector_norm(V, dim=1, keepdim=True)).T):
+        if _close64(got, x @ (V / torch.linalg.vector_norm(V, dim=1, keepdim=True)).T):
             _fail("The magnitude m is missing: multiply each output feature by m.")
         _fail("dora_forward does not equal x W'ᵀ with W' = m ⊙ V / ‖V‖ (one norm per output feature), "
               "V = W0 + (alpha/r)·B A.")
@@ -219,13 +207,13 @@ def _dora_forward_judge(q: dict, observed: dict) -> None:
     if missing:
         _fail(f"No gradient reaches {', '.join(missing)}: use the tensors that are passed in (no .detach() on them, "
               "no torch.no_grad() around the forward).")
-    if _close(mine["A"], grads["A"]) and _close(mine["B"], grads["B"]) and _close(mine["m"], grads["m"]):
+    if _close64(mine["A"], grads["A"]) and _close64(mine["B"], grads["B"]) and _close64(mine["m"], grads["m"]):
         return
     _, through_norm = _dora_forward_reference(q, detach=False)
-    if all(_close(mine[k], through_norm[k]) for k in ("A", "B", "m")):
+    if all(_close64(mine[k], through_norm[k]) for k in ("A", "B", "m")):
         _fail("Right output, but the gradient flows through ‖V‖: DoRA treats the norm as a constant in backward "
               "(paper §4.3). Detach it: norm = torch.linalg.vector_norm(V, dim=1).detach().")
-    if not _close(mine["m"], grads["m"]):
+    if not _close64(mine["m"], grads["m"]):
         _fail("The gradient reaching m differs from the reference: is m used exactly once, as a factor of each output feature?")
     _fail("The gradients reaching A and B differ from the reference (norm detached, nothing else detached).")
 
@@ -286,7 +274,7 @@ def _through_norm_judge(q: dict, observed: dict) -> None:
         want = terms["through_norm"]
 
         def matches(reference):  # up to rounding, relative to the largest entry (some entries are near zero)
-            return _close(got, reference, atol=1e-6 * float(reference.abs().max()))
+            return _close64(got, reference, atol=1e-6 * float(reference.abs().max()))
 
         if matches(want):
             _require_dtype(got, V, "gradient_through_norm")

@@ -15,21 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .core import Exercise, _answer_kind, _fail, _require_callable, _run, _value_of
+from .core import Exercise, _answer_kind, _close64, _fail, _randn, _require_callable, _run, _seed_dtype, _value_of
 
-
-def _dtype(seed: int) -> torch.dtype:
-    return torch.float64 if seed % 2 else torch.float32
-
-
-def _randn(g, *shape, dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _close(a, b, atol=1e-5, rtol=1e-4) -> bool:
-    """``a`` equals ``b`` up to rounding, compared in float64 (either may be float32 or float64)."""
-    return (isinstance(a, torch.Tensor) and a.is_floating_point() and tuple(a.shape) == tuple(b.shape)
-            and torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol))
 
 
 def _type_name(value) -> str:
@@ -45,7 +32,7 @@ def _require_dtype(got: torch.Tensor, given: torch.Tensor, name: str) -> None:
 # --- Exercise 1: LoRA's lookup on an embedding table ------------------------------------------------
 def _embedding_request(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    vocab, dim, r, dtype = 40 + 3 * (seed % 5), 6 + seed % 3, 2 + seed % 3, _dtype(seed)
+    vocab, dim, r, dtype = 40 + 3 * (seed % 5), 6 + seed % 3, 2 + seed % 3, _seed_dtype(seed)
     batch, length = 2 + seed % 2, 5 + seed % 3
     tokens = torch.randint(0, vocab, (batch, length), generator=g)
     tokens[0, 0] = vocab - 1  # a token id above dim: looking up rows of the dense (dim × vocab) ΔW fails
@@ -72,7 +59,7 @@ def _embedding_judge(q: dict, observed: dict) -> None:
     lookup, update = table[tokens], A.T[tokens] @ B.T
     if not observed["unchanged"]:
         _fail("embedding_lora_forward changed one of its inputs in place; return a new tensor.")
-    if _close(got, lookup + s * update):
+    if _close64(got, lookup + s * update):
         _require_dtype(got, table, "embedding_lora_forward")
         return
     if not isinstance(got, torch.Tensor):
@@ -81,14 +68,14 @@ def _embedding_judge(q: dict, observed: dict) -> None:
     if tuple(got.shape) != want_shape:
         _fail(f"The output should have shape {want_shape} (batch, tokens, dim): one embedding per token; "
               f"yours has {tuple(got.shape)}.")
-    if _close(got, lookup):
+    if _close64(got, lookup):
         _fail("You returned the frozen lookup table[tokens] only: add the low-rank update scaling · B A[:, t]. "
               "(With random A and B it is not zero; at PEFT's initialisation, A = 0, it would be.)")
-    if _close(got, s * update):
+    if _close64(got, s * update):
         _fail("You returned the update scaling · B A[:, t] only: the frozen row table[t] is still there; add it.")
-    if _close(got, lookup + update):
+    if _close64(got, lookup + update):
         _fail("The update is missing its scaling: table[t] + scaling · B A[:, t].")
-    if _close(got, s * (lookup + update)):
+    if _close64(got, s * (lookup + update)):
         _fail("You scaled the frozen lookup too: only the update is multiplied by scaling.")
     _fail("embedding_lora_forward does not equal table[t] + scaling · B A[:, t]. Token t selects column t of "
           "A (shape (r, vocab)), i.e. row t of Aᵀ; B (dim, r) then maps it to the embedding's dim.")
@@ -104,7 +91,7 @@ def _conv1d_request(seed: int) -> dict:
     """Two layers: GPT-2's c_proj shape (square) and c_attn's (d_out = 3 d_in), one float32 and one float64."""
     g = torch.Generator().manual_seed(seed)
     cases, d_model, r = [], 4 + seed % 4, 1 + seed % 3
-    dtypes = (_dtype(seed), _dtype(seed + 1))
+    dtypes = (_seed_dtype(seed), _seed_dtype(seed + 1))
     # the square layer first: there a forgotten transposition runs, and the feedback can name it
     for (d_in, d_out), dtype in zip(((d_model, d_model), (d_model, 3 * d_model)), dtypes):
         cases.append({"weight": _randn(g, d_in, d_out, dtype=dtype), "A": _randn(g, r, d_in, dtype=dtype),
@@ -136,23 +123,23 @@ def _conv1d_judge(q: dict, observed: dict) -> None:
                   "stays the frozen W₀ until it decides to write the merged one).")
         got = _value_of(call, "merge_conv1d")
         delta = B @ A  # (d_out, d_in): nn.Linear's layout
-        if _close(got, weight + s * delta.T):
+        if _close64(got, weight + s * delta.T):
             _require_dtype(got, weight, "merge_conv1d")
             continue
         if not isinstance(got, torch.Tensor):
             _fail(f"merge_conv1d should return a tensor, it returned {_type_name(got)}.")
-        if weight.shape[0] == weight.shape[1] and _close(got, weight + s * delta):
+        if weight.shape[0] == weight.shape[1] and _close64(got, weight + s * delta):
             _fail(f"{where}, you added s·BA as it is: that is nn.Linear's layout (d_out, d_in). Conv1D stores Wᵀ, "
                   "so its update is (s·BA)ᵀ. (On a square layer like GPT-2's c_proj this runs and gives wrong numbers.)")
-        if tuple(got.shape) == tuple(weight.T.shape) and _close(got, weight.T + s * delta):
+        if tuple(got.shape) == tuple(weight.T.shape) and _close64(got, weight.T + s * delta):
             _fail(f"{where}, you returned the merged weight in nn.Linear's layout {tuple(weight.T.shape)}; "
                   f"Conv1D keeps (d_in, d_out) = {tuple(weight.shape)}: transpose it back.")
         if tuple(got.shape) != tuple(weight.shape):
             _fail(f"{where}, the merged weight has the Conv1D weight's shape {tuple(weight.shape)}; yours has "
                   f"{tuple(got.shape)}.")
-        if _close(got, weight + delta.T):
+        if _close64(got, weight + delta.T):
             _fail(f"{where}, the update is missing its scaling: weight + scaling · (BA)ᵀ.")
-        if _close(got, weight - s * delta.T):
+        if _close64(got, weight - s * delta.T):
             _fail(f"{where}, you subtracted the update: that is unmerging. Merging adds scaling · (BA)ᵀ.")
         _fail(f"{where}, merge_conv1d does not equal weight + scaling · (BA)ᵀ.")
 
@@ -168,7 +155,7 @@ def _pissa_request(seed: int) -> dict:
     unique, and never square."""
     g = torch.Generator().manual_seed(seed)
     cases = []
-    for dtype in (_dtype(seed), _dtype(seed + 1)):
+    for dtype in (_seed_dtype(seed), _seed_dtype(seed + 1)):
         d_out, d_in = (int(v) for v in torch.randint(5, 9, (2,), generator=g))
         d_in += d_out  # never square: an SVD of Wᵀ, or a residual of the wrong shape, cannot pass by accident
         r = int(torch.randint(1, 4, (1,), generator=g))
@@ -210,7 +197,7 @@ def _pissa_judge(q: dict, observed: dict) -> None:
         got = _value_of(call, "pissa_residual")
         tol = {"atol": 1e-4 * float(W.abs().max()), "rtol": 1e-4}
         top = _top(W, r)
-        if _close(got, W.double() - top, **tol):
+        if _close64(got, W.double() - top, **tol):
             _require_dtype(got, W, "pissa_residual")
             continue
         if not isinstance(got, torch.Tensor):
@@ -218,16 +205,16 @@ def _pissa_judge(q: dict, observed: dict) -> None:
         if tuple(got.shape) != tuple(W.shape):
             _fail(f"{where}, the residual replaces W in the layer, so it has W's shape {tuple(W.shape)}; yours has "
                   f"{tuple(got.shape)}.")
-        if _close(got, W, **tol):
+        if _close64(got, W, **tol):
             _fail(f"{where}, you returned W itself: subtract its top-r part (which moves into s·BA), or the model "
                   "would count that part twice.")
-        if _close(got, top, **tol):
+        if _close64(got, top, **tol):
             _fail(f"{where}, you returned the top-r part U_r diag(S_r) V_rᵀ: that is what s·B₀A₀ holds. The residual "
                   "is what is left, W minus it.")
-        if _close(got, W.double() - _top(W, r, bottom=True), **tol):
+        if _close64(got, W.double() - _top(W, r, bottom=True), **tol):
             _fail(f"{where}, you removed the r smallest singular directions (torch.linalg.svd sorts them largest "
                   "first: take the first r). PiSSA trains the principal ones and freezes the rest.")
-        if _close(got, W.double() - _top(W, r, with_values=False), **tol):
+        if _close64(got, W.double() - _top(W, r, with_values=False), **tol):
             _fail(f"{where}, you subtracted U_r V_rᵀ without the singular values: the top-r part is "
                   "U_r diag(S_r) V_rᵀ.")
         _fail(f"{where}, pissa_residual(W, r) does not equal W − U_r diag(S_r) V_rᵀ, W minus its best rank-r "
