@@ -7,17 +7,16 @@ operation also keeps, counts once; parameters are not counted).
 
     python benchmarks/saved_activations.py [--models minilm,smollm2] [--batch-size 8] [--seq-len 64]
 
-DoRA needs, beyond LoRA, the tensor u = W₀x + s·BAx for the magnitude's gradient. peft_edu keeps the layer's
-output instead and recovers u from it (``peft_edu.dora.ScaleByMagnitude``): where the next operation keeps the
-output too (MiniLM's GELU after ``intermediate.dense``; SmolLM2's SiLU and gating product after ``gate_proj`` and
-``up_proj``), it is stored once. Where it does not (sdpa attention on the CPU keeps its own copies of q, k, v;
-a residual sum keeps nothing), the output is the extra tensor.
+DoRA needs, beyond LoRA, the tensor u = W₀x + s·BAx for the magnitude's gradient. PEFT keeps it (and more);
+peft_edu keeps x and Ax, which LoRA keeps anyway, and recomputes u in backward
+(``peft_edu.dora.ScaleLinearByMagnitude``), so its DoRA keeps LoRA's bytes plus a few vectors.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import weakref
 
 import peft
 import torch
@@ -32,16 +31,26 @@ MODELS = {
 
 
 def saved_bytes(model, batch) -> int:
-    storages = {}
+    # Parameters are excluded by storage, not by type: autograd often keeps a view of a weight (Wᵀ for a
+    # product), which is not an nn.Parameter but is no activation either (as compare_methods.py counts).
+    # Counted once the forward is done, among the tensors still alive: a graph that is built and then dropped
+    # during the forward (PEFT's DoRA detaches the norm it computed with a graph) keeps nothing for backward, and
+    # its freed memory may be reused, so counting at pack time by address would be off, and differ between runs.
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    packed = []
 
     def pack(tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+        packed.append(weakref.ref(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch)
+        output = model(**batch)
+    storages = {}
+    for ref in packed:
+        tensor = ref()
+        if tensor is not None and tensor.untyped_storage().data_ptr() not in param_storages:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    del output
     return sum(storages.values())
 
 

@@ -51,11 +51,21 @@ dropout no term is cancelled against another, however far g is from 1. (PEFT's f
 bit for bit at initialisation; this one returns W₀x + b within rounding.)
 
 **The magnitude's gradient without a second copy.** ∂L/∂m needs u (∂h/∂mᵢ = uᵢ / ‖W‖ᵢ), a
-(tokens × d_out) tensor, the one thing DoRA keeps for backward beyond what LoRA keeps. Without
-dropout, ``ScaleByMagnitude`` keeps the layer's output h instead and recovers u = (h − b) / g in
-backward: the operation that reads h next (attention's matmul for queries, keys and values; the
-activation or the gating product in an MLP) usually keeps h for its own backward, so it is then
-stored once, not twice. (Where g = 0 for some feature u cannot be recovered, and u is kept.)
+(tokens × d_out) tensor, the one thing DoRA needs for backward beyond what LoRA keeps. Keeping u, or
+the output h to recover u = (h − b) / g from it, costs a (tokens × d_out) tensor per layer wherever the
+next operation does not keep h itself, and on MiniLM that is most layers: sdpa attention on the CPU
+keeps its own scaled/reshaped copies of q, k and v, and a residual sum (after the attention output
+and the MLP output projection) keeps nothing; only the GELU after ``intermediate.dense`` keeps h.
+So, without dropout, ``ScaleLinearByMagnitude`` keeps neither: it keeps x and z = Ax, which LoRA keeps
+anyway (A's gradient needs x, B's needs z: the very same tensors, so they are stored once), and
+recomputes u = W₀x + s·Bz in backward with the operations the forward used (the same values, bit for
+bit). DoRA then keeps what LoRA keeps, plus the norm (d_out numbers). The price is one more product
+W₀x per layer and step in backward (a frozen layer's backward otherwise needs one product, for ∂L/∂x):
+memory traded for time, as in gradient checkpointing. Measured on MiniLM (CPU, batch 8 × 64, see
+``benchmarks/results/saved_activations_cpu.md``): kept for backward 1.207 → 1.001 × LoRA, train step
+about 1.25 → 1.44 × LoRA. With active dropout the PEFT formula is computed by plain autograd (it keeps
+W₀x̃ and u). ``ScaleByMagnitude`` (the output-keeping variant) remains for ``DoraEmbedding``, whose
+input is token ids, not a tensor to recompute from.
 """
 
 from __future__ import annotations
@@ -103,6 +113,50 @@ class ScaleByMagnitude(torch.autograd.Function):
         cast = lambda grad, dtype, wanted: grad.to(dtype) if wanted and grad is not None else None  # noqa: E731
         return (cast(grad_u, u_dtype, True), cast(grad_m, m_dtype, ctx.needs_input_grad[1]),
                 cast(grad_norm, norm_dtype, ctx.needs_input_grad[2]), cast(grad_bias, bias_dtype, True))
+
+
+class ScaleLinearByMagnitude(torch.autograd.Function):
+    """h = g ⊙ u + b with g = m / ‖W‖ and u = W₀x + s·Bz, keeping x and z (which LoRA keeps) instead of u.
+
+    ∂L/∂u = g ⊙ ∂L/∂h needs g only; ∂L/∂m = Σ_tokens (∂L/∂h ⊙ u) / ‖W‖ needs u, recomputed in backward from x, z,
+    W₀ and B (see the module docstring). W₀ and B are saved too: parameters, not copies, and saving them makes
+    autograd refuse a backward after they changed in place, as it would for the forward's own products.
+    """
+
+    @staticmethod
+    def forward(ctx, u, magnitude, norm, bias, x, z, weight, lora_B_weight, scaling):
+        g = magnitude / norm
+        out = g * u
+        if bias is not None:
+            out = out + bias
+        ctx.scaling = scaling
+        ctx.dtypes = (u.dtype, magnitude.dtype, norm.dtype, None if bias is None else bias.dtype)
+        device_type = u.device.type  # the recomputation must see the forward's autocast, as checkpointing does
+        ctx.autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
+                            enabled=torch.is_autocast_enabled(device_type))
+        ctx.save_for_backward(x, z, weight, lora_B_weight, magnitude, norm, bias)  # g again in backward: no copy
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, z, weight, lora_B_weight, magnitude, norm, bias = ctx.saved_tensors
+        g = magnitude / norm
+        grad_u = grad_m = grad_norm = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_u = grad_out * g
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            with torch.no_grad(), torch.autocast(**ctx.autocast):
+                u = F.linear(x, weight) + F.linear(z, lora_B_weight) * ctx.scaling  # as in DoraLinear.forward
+            per_feature = (grad_out * u).reshape(-1, u.shape[-1]).sum(dim=0)  # Σ_tokens ∂L/∂h ⊙ u
+            grad_m = per_feature / norm
+            grad_norm = -per_feature * g / norm  # only if the norm is kept in the graph (DoRA detaches it)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
+        u_dtype, m_dtype, norm_dtype, bias_dtype = ctx.dtypes  # mixed precision: each gradient in its input's dtype
+        cast = lambda grad, dtype, wanted: grad.to(dtype) if wanted and grad is not None else None  # noqa: E731
+        return (cast(grad_u, u_dtype, True), cast(grad_m, m_dtype, ctx.needs_input_grad[1]),
+                cast(grad_norm, norm_dtype, ctx.needs_input_grad[2]), cast(grad_bias, bias_dtype, True),
+                None, None, None, None, None)  # x, z, W₀, B: their gradients flow through u's own graph
 
 
 class DoraLinear(LoraLinear):
@@ -172,8 +226,11 @@ class DoraLinear(LoraLinear):
             base_part = F.linear(x_lora, weight.to(x_lora.dtype))
             u = base_part + self.lora_B(self.lora_A(x_lora)) * self.scaling
             return result + (g * u - base_part).to(result.dtype)
-        u = F.linear(x_lora, weight.to(x_lora.dtype)) + self.lora_B(self.lora_A(x_lora)) * self.scaling
-        return ScaleByMagnitude.apply(u, self.lora_magnitude_vector, self.weight_norm(), bias)  # g ⊙ u + b
+        weight = weight.to(x_lora.dtype)  # the tensor F.linear keeps (for ∂L/∂x): saved once, if a copy
+        z = self.lora_A(x_lora)
+        u = F.linear(x_lora, weight) + self.lora_B(z) * self.scaling
+        return ScaleLinearByMagnitude.apply(u, self.lora_magnitude_vector, self.weight_norm(), bias,  # g ⊙ u + b
+                                            x_lora, z, weight, self.lora_B.weight, self.scaling)
 
     # --- merge / unmerge --------------------------------------------------------------------------
     @torch.no_grad()

@@ -556,3 +556,53 @@ def test_scale_by_magnitude_gradients_are_exact(with_bias, zero_magnitude):
     norm = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True) if with_bias else None
     assert torch.autograd.gradcheck(ScaleByMagnitude.apply, (u, magnitude.requires_grad_(), norm, bias))
+
+
+def test_recomputing_backward_gradients_are_exact():
+    """The backward that recomputes u = W₀x + s·Bz from x and z, against finite differences (u, m, norm, bias)."""
+    from peft_edu.dora import ScaleLinearByMagnitude
+
+    torch.manual_seed(0)
+    x, z = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64)
+    weight, lora_B = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    u = (F.linear(x, weight) + F.linear(z, lora_B) * 0.5).requires_grad_()  # the u the layer would hand over
+    magnitude = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    norm = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    scale = lambda u, m, n, b: ScaleLinearByMagnitude.apply(u, m, n, b, x, z, weight, lora_B, 0.5)  # noqa: E731
+    assert torch.autograd.gradcheck(scale, (u, magnitude, norm, bias))
+
+
+def kept_for_backward(model, batch) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps in one training forward (as the benchmarks)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    torch.manual_seed(0)  # the same dropout masks for both models
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kind, targets", [("bert_cls", ["query", "key", "value", "dense"]),
+                                           ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"])])
+def test_dora_keeps_what_lora_keeps_plus_vectors(kind, targets, tiny_model, tiny_batch):
+    """Issue 13's target: DoRA keeps ≤ 1.15 × LoRA's bytes for backward. Without dropout it keeps exactly LoRA's
+    bytes plus the norm (d_out numbers) per layer: no (tokens × d_out) tensor of its own (deterministic bytes)."""
+    base, batch = tiny_model(kind), tiny_batch(kind)
+    kept = {}
+    for use_dora in (False, True):
+        config = peft_edu.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora)
+        model = peft_edu.get_peft_model(copy.deepcopy(base), config).train()
+        kept[use_dora] = kept_for_backward(model, batch)
+        layers = dora_layers(model)
+    vectors = sum(layer.lora_magnitude_vector.numel() * 4 for layer in layers.values())  # the float32 norms
+    assert kept[True] <= 1.15 * kept[False]
+    assert kept[False] < kept[True] <= kept[False] + vectors, (kept, vectors)
