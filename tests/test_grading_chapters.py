@@ -1,4 +1,4 @@
-"""Sandboxed grading (`make grade CHAPTER=...`) of the DoRA and adapters chapters: right, blank, wrong, corrupt.
+"""Sandboxed grading (`make grade CHAPTER=...`) of every chapter but LoRA: right, blank, wrong, corrupt.
 
 Submissions are built from each chapter's master notebook by ``tests/grading_helpers.py``; the LoRA chapter's
 grading, with its hostile submissions, is in ``test_grading.py``.
@@ -129,6 +129,28 @@ CHAPTERS = {
                    "    return levels[codes] / torch.repeat_interleave(absmax, block_size)[:count]"),
         },
         "feedback": ["divide by block.max()", "second code of each pair", "divide by the absmax"],
+    },
+    "many_tasks": {
+        "points": {"q1": 2.0, "q2": 1.0, "q3": 1.0},
+        "answers": ["mixed_lora_layer", "linear_delta", "agrees_with_sign"],
+        "right": {
+            "q1": ("def mixed_lora_layer(x, weight, A, B, scaling, adapter_of_row):\n"
+                   "    down = torch.bmm(x, A[adapter_of_row].transpose(1, 2))\n"
+                   "    return x @ weight.T + scaling * torch.bmm(down, B[adapter_of_row].transpose(1, 2))"),
+            "q2": ("def linear_delta(As, Bs, scalings, weights):\n    c = weights * scalings\n"
+                   "    b = c.abs().sqrt()\n    a = c.sign() * b\n"
+                   "    return (Bs * b.view(-1, 1, 1)).sum(0) @ (As * a.view(-1, 1, 1)).sum(0)"),
+            "q3": ("def agrees_with_sign(stacked):\n"
+                   "    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)\n"
+                   "    return stacked.sign() == elected"),
+        },
+        "wrong": {
+            "q1": "def mixed_lora_layer(x, weight, A, B, scaling, adapter_of_row):\n    return x @ weight.T",
+            "q2": ("def linear_delta(As, Bs, scalings, weights):\n"
+                   "    return ((weights * scalings).view(-1, 1, 1) * (Bs @ As)).sum(0)"),
+            "q3": "def agrees_with_sign(stacked):\n    return stacked.sign() == stacked.sum(0).sign()",
+        },
+        "feedback": ["base layer's x W₀ᵀ alone", "the exact sum of the updates", "elect +1 on a tie"],
     },
     "lora_beyond_linear": {
         "points": {"q1": 1.0, "q2": 1.0, "q3": 1.0},

@@ -25,12 +25,12 @@ A hidden test uses another ``seed``, so an answer cannot be fitted to the public
 
 from __future__ import annotations
 
-from . import adapters, dora, lora, lora_beyond_linear, memory, prompt_methods, qlora
+from . import adapters, dora, lora, lora_beyond_linear, many_tasks, memory, prompt_methods, qlora
 from .core import CheckFailed, Exercise, exercises_in
 
 # chapter (the notebook's name) -> the module of its checks, in the book's order
 CHAPTERS = {"lora": lora, "lora_beyond_linear": lora_beyond_linear, "dora": dora, "adapters": adapters, "prompt_methods": prompt_methods,
-            "memory": memory, "qlora": qlora}
+            "memory": memory, "qlora": qlora, "many_tasks": many_tasks}
 
 
 def _gather() -> dict[str, Exercise]:
