@@ -25,7 +25,7 @@ from torch import nn
 
 from .injection import adapter_modules, replace_module
 from .lora import LoraLinear
-from .named_adapters import BASE_MODEL_ROW, list_adapters, put_in, refuse_while_merged, take_out
+from .named_adapters import BASE_MODEL_ROW, follow_the_model, list_adapters, put_in, refuse_while_merged, take_out
 
 
 def refuse_unsupported_layer(adapter: str, name: str, module: nn.Module) -> None:
@@ -91,7 +91,11 @@ def mixed_batch(model: nn.Module, rows: list[str]):
     layers_of = {}  # adapter -> {module name: its LoraLinear}
     for adapter in dict.fromkeys(rows):
         if adapter != BASE_MODEL_ROW:
-            parts = active if adapter == model.peft_edu_active_adapter else dict(model.peft_edu_parked[adapter].parts)
+            if adapter == model.peft_edu_active_adapter:
+                parts = active
+            else:
+                follow_the_model(model, model.peft_edu_parked[adapter].parts)
+                parts = dict(model.peft_edu_parked[adapter].parts)
             for name, module in parts.items():
                 refuse_unsupported_layer(adapter, name, module)
             layers_of[adapter] = parts

@@ -59,12 +59,10 @@ def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = Fals
     if adapter_name != model.peft_edu_active_adapter:
         refuse_while_merged(model, "switch to another adapter")
         chosen = model.peft_edu_parked.pop(adapter_name)
+        follow_the_model(model, chosen.parts)
         parked = ParkedAdapter(model.peft_edu_config, take_out(model))
         set_trainable(parked.parts, False)
         model.peft_edu_parked[model.peft_edu_active_adapter] = parked
-        device = next(model.parameters()).device
-        for _, module in chosen.parts:  # model.to(device) moved only the modules in the model
-            module.to(device)
         put_in(model, chosen.parts)
         model.peft_edu_config, model.peft_edu_active_adapter = chosen.config, adapter_name
     set_trainable(list(adapter_modules(model).items()), not inference_mode)
@@ -102,6 +100,23 @@ def refuse_while_merged(model: nn.Module, verb: str) -> None:
                            f"you {verb}.")
 
 
+def _own_parameters(module: AdapterModule) -> list[nn.Parameter]:
+    return [param for name, param in module.named_parameters() if not name.startswith(("base_layer.", "original_module."))]
+
+
+def follow_the_model(model: nn.Module, parts: list[tuple[str, AdapterModule]]) -> None:
+    """Give a parked adapter's modules the device, and its own parameters the floating dtype, of the adapter in the
+    model: ``model.to(device)`` or ``model.to(torch.bfloat16)`` reached only the modules in the model."""
+    device = next(model.parameters()).device
+    in_model = [param for module in adapter_modules(model).values() for param in _own_parameters(module)]
+    dtype = next((param.dtype for param in in_model if param.is_floating_point()), None)
+    for _, module in parts:
+        module.to(device)
+        for param in _own_parameters(module):
+            if dtype is not None and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+
 def take_out(model: nn.Module) -> list[tuple[str, AdapterModule]]:
     """Take every adapter module out of the model (the base model is left) and return them for ``put_in``."""
     parts = list(adapter_modules(model).items())
@@ -118,6 +133,5 @@ def put_in(model: nn.Module, parts: list[tuple[str, AdapterModule]]) -> None:
 def set_trainable(parts: list[tuple[str, AdapterModule]], trainable: bool) -> None:
     """requires_grad of the adapter's own parameters (not of the frozen base layers inside its modules)."""
     for _, module in parts:
-        for name, param in module.named_parameters():
-            if not name.startswith(("base_layer.", "original_module.")):
-                param.requires_grad_(trainable)
+        for param in _own_parameters(module):
+            param.requires_grad_(trainable)

@@ -119,6 +119,21 @@ def test_a_parked_adapter_follows_the_model_to_its_device():
     peft_edu.set_adapter(ours, "second")
     assert {p.device.type for p in ours.parameters()} == {"meta"}
 
+
+def test_a_parked_adapter_follows_the_model_to_its_dtype_in_switching_and_in_a_mixed_batch():
+    base, batch = build_tiny("llama"), build_batch("llama", batch=3)
+    ours, theirs = two_adapters(base)
+    ours.to(torch.float64)
+    theirs.to(torch.float64)  # PEFT's ModuleDicts hold every adapter in the model: all of them are cast
+    with torch.no_grad():  # the parked "second" is still float32 here: the mixed batch must cast it first
+        mixed = ours(**inputs(batch), adapter_names=ROWS).logits
+        assert mixed.dtype == torch.float64
+        assert_close(mixed, theirs(**inputs(batch), adapter_names=ROWS).logits)
+    peft_edu.set_adapter(ours, "second")
+    assert {p.dtype for p in ours.parameters()} == {torch.float64}
+    assert {p.dtype for _, module in ours.peft_edu_parked["default"].parts for p in module.parameters()} == {
+        torch.float64}
+
 @pytest.mark.parametrize("active", ["default", "second"])
 def test_files_of_several_adapters_both_ways(tmp_path, active):
     base, batch = build_tiny("llama"), build_batch("llama")
