@@ -99,20 +99,27 @@ class ScaleByMagnitude(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         kept, g, norm, bias = ctx.saved_tensors
-        grad_u = grad_m = grad_norm = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_u = grad_out * g
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            u = kept if not ctx.recoverable else (kept if bias is None else kept - bias) / g
-            per_feature = (grad_out * u).reshape(-1, u.shape[-1]).sum(dim=0)  # Σ_tokens ∂L/∂h ⊙ u
-            grad_m = per_feature / norm
-            grad_norm = -per_feature * g / norm  # only if the norm is kept in the graph (DoRA detaches it)
-        if bias is not None and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
-        u_dtype, m_dtype, norm_dtype, bias_dtype = ctx.dtypes  # mixed precision: each gradient in its input's dtype
-        cast = lambda grad, dtype, wanted: grad.to(dtype) if wanted and grad is not None else None  # noqa: E731
-        return (cast(grad_u, u_dtype, True), cast(grad_m, m_dtype, ctx.needs_input_grad[1]),
-                cast(grad_norm, norm_dtype, ctx.needs_input_grad[2]), cast(grad_bias, bias_dtype, True))
+        return magnitude_backward(ctx, grad_out, g, norm, bias,
+                                  lambda: kept if not ctx.recoverable else (kept if bias is None else kept - bias) / g)
+
+
+def magnitude_backward(ctx, grad_out, g, norm, bias, recover_u):
+    """The gradients of h = g ⊙ u + b (g = m / ‖W‖) for u, m, ‖W‖ and b; ``recover_u()`` gives u, called only when
+    the magnitude's (or the norm's) gradient is wanted."""
+    grad_u = grad_m = grad_norm = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_u = grad_out * g
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        u = recover_u()
+        per_feature = (grad_out * u).reshape(-1, u.shape[-1]).sum(dim=0)  # Σ_tokens ∂L/∂h ⊙ u
+        grad_m = per_feature / norm
+        grad_norm = -per_feature * g / norm  # only if the norm is kept in the graph (DoRA detaches it)
+    if bias is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
+    u_dtype, m_dtype, norm_dtype, bias_dtype = ctx.dtypes  # mixed precision: each gradient in its input's dtype
+    cast = lambda grad, dtype, wanted: grad.to(dtype) if wanted and grad is not None else None  # noqa: E731
+    return (cast(grad_u, u_dtype, True), cast(grad_m, m_dtype, ctx.needs_input_grad[1]),
+            cast(grad_norm, norm_dtype, ctx.needs_input_grad[2]), cast(grad_bias, bias_dtype, True))
 
 
 class ScaleLinearByMagnitude(torch.autograd.Function):
@@ -140,23 +147,13 @@ class ScaleLinearByMagnitude(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, z, weight, lora_B_weight, magnitude, norm, bias = ctx.saved_tensors
-        g = magnitude / norm
-        grad_u = grad_m = grad_norm = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_u = grad_out * g
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+
+        def recover_u():
             with torch.no_grad(), torch.autocast(**ctx.autocast):
-                u = F.linear(x, weight) + F.linear(z, lora_B_weight) * ctx.scaling  # as in DoraLinear.forward
-            per_feature = (grad_out * u).reshape(-1, u.shape[-1]).sum(dim=0)  # Σ_tokens ∂L/∂h ⊙ u
-            grad_m = per_feature / norm
-            grad_norm = -per_feature * g / norm  # only if the norm is kept in the graph (DoRA detaches it)
-        if bias is not None and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
-        u_dtype, m_dtype, norm_dtype, bias_dtype = ctx.dtypes  # mixed precision: each gradient in its input's dtype
-        cast = lambda grad, dtype, wanted: grad.to(dtype) if wanted and grad is not None else None  # noqa: E731
-        return (cast(grad_u, u_dtype, True), cast(grad_m, m_dtype, ctx.needs_input_grad[1]),
-                cast(grad_norm, norm_dtype, ctx.needs_input_grad[2]), cast(grad_bias, bias_dtype, True),
-                None, None, None, None, None)  # x, z, W₀, B: their gradients flow through u's own graph
+                return F.linear(x, weight) + F.linear(z, lora_B_weight) * ctx.scaling  # as in DoraLinear.forward
+
+        grads = magnitude_backward(ctx, grad_out, magnitude / norm, norm, bias, recover_u)
+        return (*grads, None, None, None, None, None)  # x, z, W₀, B: their gradients flow through u's own graph
 
 
 class DoraLinear(LoraLinear):
