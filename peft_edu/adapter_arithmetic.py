@@ -42,11 +42,10 @@ import math
 import torch
 from torch import nn
 
-from .injection import adapter_modules
 from .lora import LoraConfig, LoraLinear
 from .lora_layers import LoraEmbedding
 from .model import add_adapter
-from .named_adapters import active_config, check_new_name, delete_adapter, list_adapters, refuse_while_merged
+from .named_adapters import active_config, adapter_parts, check_new_name, delete_adapter, list_adapters, refuse_while_merged
 
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_BASED = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -181,10 +180,7 @@ def _check_adapters(model: nn.Module, adapters) -> tuple[list[dict[str, LoraLine
     refuse_while_merged(model, "combine adapters")
     layers_of, configs = [], []
     for name in adapters:
-        if name == model.peft_edu_active_adapter:
-            config, parts = model.peft_edu_config, list(adapter_modules(model).items())
-        else:
-            config, parts = model.peft_edu_parked[name].config, model.peft_edu_parked[name].parts
+        config, parts = adapter_parts(model, name)
         _check_combinable(name, config)
         for module_name, module in parts:
             if type(module) not in COMBINABLE_LAYERS:

@@ -40,7 +40,7 @@ from torch import nn
 
 from .bottleneck import BnConfig, BottleneckAdapter
 from .injection import adapter_modules
-from .named_adapters import active_config, list_adapters, set_adapter, set_trainable
+from .named_adapters import active_config, adapter_parts, list_adapters, set_adapter, set_trainable
 
 FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME = "adapter_fusion_config.json", "pytorch_model_adapter_fusion.bin"  # AdapterHub's
 
@@ -174,11 +174,7 @@ class SiteComposition:
 # --- the verbs -------------------------------------------------------------------------------------
 def _bottleneck_parts(model: nn.Module, name: str) -> dict[str, BottleneckAdapter]:
     """The modules of adapter ``name`` (active or parked) by module name; an error if it is not a bottleneck adapter."""
-    if name == model.peft_edu_active_adapter:
-        config, parts = model.peft_edu_config, list(adapter_modules(model).items())
-    else:
-        parked = model.peft_edu_parked[name]
-        config, parts = parked.config, parked.parts
+    config, parts = adapter_parts(model, name)
     if not isinstance(config, BnConfig):
         raise ValueError(f"Adapter {name!r} is a {type(config).__name__}; Stack and Fuse compose adapters of one "
                          "bottleneck config each (SeqBnConfig, DoubleSeqBnConfig, ...), as AdapterHub's do.")

@@ -23,9 +23,9 @@ import functools
 import torch
 from torch import nn
 
-from .injection import adapter_modules, replace_module
+from .injection import replace_module
 from .lora import LoraLinear
-from .named_adapters import BASE_MODEL_ROW, follow_the_model, list_adapters, put_in, refuse_while_merged, take_out
+from .named_adapters import BASE_MODEL_ROW, adapter_parts, list_adapters, put_in, refuse_while_merged, take_out
 
 
 def refuse_unsupported_layer(adapter: str, name: str, module: nn.Module) -> None:
@@ -87,15 +87,10 @@ def mixed_batch(model: nn.Module, rows: list[str]):
     """``with mixed_batch(model, rows):`` row i of every batch runs through adapter ``rows[i]`` (``"__base__"``:
     the base model). ``model(x, adapter_names=rows)`` and ``model.generate(x, adapter_names=rows)`` call this."""
     _check_rows(model, rows)
-    active = dict(adapter_modules(model))
     layers_of = {}  # adapter -> {module name: its LoraLinear}
     for adapter in dict.fromkeys(rows):
         if adapter != BASE_MODEL_ROW:
-            if adapter == model.peft_edu_active_adapter:
-                parts = active
-            else:
-                follow_the_model(model, model.peft_edu_parked[adapter].parts)
-                parts = dict(model.peft_edu_parked[adapter].parts)
+            parts = dict(adapter_parts(model, adapter)[1])
             for name, module in parts.items():
                 refuse_unsupported_layer(adapter, name, module)
             layers_of[adapter] = parts

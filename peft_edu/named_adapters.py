@@ -117,6 +117,16 @@ def follow_the_model(model: nn.Module, parts: list[tuple[str, AdapterModule]]) -
                 param.data = param.data.to(dtype)
 
 
+def adapter_parts(model: nn.Module, adapter_name: str) -> tuple[PeftConfig, list[tuple[str, AdapterModule]]]:
+    """(config, modules) of adapter ``adapter_name``, active or parked; a parked one first follows the model's device
+    and dtype, so that whoever computes with its modules finds them where the model is."""
+    if adapter_name == model.peft_edu_active_adapter:
+        return model.peft_edu_config, list(adapter_modules(model).items())
+    parked = model.peft_edu_parked[adapter_name]
+    follow_the_model(model, parked.parts)
+    return parked.config, parked.parts
+
+
 def take_out(model: nn.Module) -> list[tuple[str, AdapterModule]]:
     """Take every adapter module out of the model (the base model is left) and return them for ``put_in``."""
     parts = list(adapter_modules(model).items())
