@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import Exercise, _answer_kind, _call, _capture, _fail, _require_callable, _run, _value_of
+from .core import Exercise, _answer_kind, _call, _capture, _fail, _probe_each_case, _require_callable, _value_of
 
 # How close an answer computed in a dtype must be to the float64 reference (absolute, relative).
 _TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 3e-2)}
@@ -58,10 +58,7 @@ def _bn_params_request(seed: int) -> dict:
 
 
 def _bn_params_probe(bottleneck_params, request: dict) -> dict:
-    observed = _answer_kind(bottleneck_params)
-    if observed["callable"]:
-        observed["calls"] = [_run(bottleneck_params, d, factor) for d, factor in request["cases"]]
-    return observed
+    return _probe_each_case(bottleneck_params, request["cases"], lambda case: case)
 
 
 def _bn_params_judge(request: dict, observed: dict) -> None:
@@ -115,10 +112,7 @@ def _adapter_request(seed: int) -> dict:
 
 
 def _adapter_probe(adapter_forward, request: dict) -> dict:
-    observed = _answer_kind(adapter_forward)
-    if observed["callable"]:
-        observed["calls"] = [_run(adapter_forward, *(case[k].clone() for k in _ADAPTER_ARGS)) for case in request["cases"]]
-    return observed
+    return _probe_each_case(adapter_forward, request["cases"], lambda case: [case[k].clone() for k in _ADAPTER_ARGS])
 
 
 def _adapter_judge(request: dict, observed: dict) -> None:
@@ -182,10 +176,7 @@ def _ia3_ffn_request(seed: int) -> dict:
 
 
 def _ia3_ffn_probe(ia3_scale_ffn, request: dict) -> dict:
-    observed = _answer_kind(ia3_scale_ffn)
-    if observed["callable"]:
-        observed["calls"] = [_run(ia3_scale_ffn, *(case[k].clone() for k in _IA3_ARGS)) for case in request["cases"]]
-    return observed
+    return _probe_each_case(ia3_scale_ffn, request["cases"], lambda case: [case[k].clone() for k in _IA3_ARGS])
 
 
 def _ia3_ffn_judge(request: dict, observed: dict) -> None:

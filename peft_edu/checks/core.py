@@ -57,6 +57,14 @@ def _answer_kind(answer) -> dict:
     return {"callable": callable(answer), "repr": repr(answer)[:100]}
 
 
+def _probe_each_case(answer, cases: list, arguments) -> dict:
+    """What ``answer`` is and, if it can be called, its probed call on ``arguments(case)`` for each case."""
+    observed = _answer_kind(answer)
+    if observed["callable"]:
+        observed["calls"] = [_run(answer, *arguments(case)) for case in cases]
+    return observed
+
+
 # --- judging helpers ----------------------------------------------------------------------------
 def _require_callable(observed: dict, name: str, kind: str = "function") -> None:
     if not observed["callable"]:

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..adapter_arithmetic import agrees_with_elected_sign
-from .core import Exercise, _answer_kind, _fail, _require_callable, _run, _value_of
+from .core import Exercise, _fail, _probe_each_case, _require_callable, _value_of
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2}  # relative to the largest entry
@@ -82,12 +82,8 @@ _MIXED_ARGS = ("x", "weight", "A", "B", "scaling", "adapter_of_row")
 
 
 def _mixed_probe(mixed_lora_layer, request: dict) -> dict:
-    observed = _answer_kind(mixed_lora_layer)
-    if observed["callable"]:
-        observed["calls"] = [_run(mixed_lora_layer, *[case[k].clone() if isinstance(case[k], torch.Tensor)
-                                                      else case[k] for k in _MIXED_ARGS])
-                             for case in request["cases"]]
-    return observed
+    return _probe_each_case(mixed_lora_layer, request["cases"], lambda case: [
+        case[k].clone() if isinstance(case[k], torch.Tensor) else case[k] for k in _MIXED_ARGS])
 
 
 def _mixed_judge(request: dict, observed: dict) -> None:
@@ -166,10 +162,7 @@ _LINEAR_ARGS = ("As", "Bs", "scalings", "weights")
 
 
 def _linear_probe(linear_delta, request: dict) -> dict:
-    observed = _answer_kind(linear_delta)
-    if observed["callable"]:
-        observed["calls"] = [_run(linear_delta, *[case[k].clone() for k in _LINEAR_ARGS]) for case in request["cases"]]
-    return observed
+    return _probe_each_case(linear_delta, request["cases"], lambda case: [case[k].clone() for k in _LINEAR_ARGS])
 
 
 def _linear_judge(request: dict, observed: dict) -> None:
@@ -234,10 +227,7 @@ def _sign_request(seed: int) -> dict:
 
 
 def _sign_probe(agrees_with_sign, request: dict) -> dict:
-    observed = _answer_kind(agrees_with_sign)
-    if observed["callable"]:
-        observed["calls"] = [_run(agrees_with_sign, case["stacked"].clone()) for case in request["cases"]]
-    return observed
+    return _probe_each_case(agrees_with_sign, request["cases"], lambda case: (case["stacked"].clone(),))
 
 
 def _sign_judge(request: dict, observed: dict) -> None:

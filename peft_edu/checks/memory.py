@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .core import Exercise, _answer_kind, _fail, _require_callable, _run, _value_of
+from .core import Exercise, _fail, _probe_each_case, _require_callable, _value_of
 
 
 def _draw(g: torch.Generator, lo: int, hi: int) -> int:
@@ -44,10 +44,7 @@ def _adam_request(seed: int) -> dict:
 
 
 def _adam_probe(adam_state_bytes, request: dict) -> dict:
-    observed = _answer_kind(adam_state_bytes)
-    if observed["callable"]:
-        observed["calls"] = [_run(adam_state_bytes, *case) for case in request["cases"]]
-    return observed
+    return _probe_each_case(adam_state_bytes, request["cases"], lambda case: case)
 
 
 def _adam_judge(request: dict, observed: dict) -> None:
@@ -103,10 +100,7 @@ def _lora_count_request(seed: int) -> dict:
 
 
 def _lora_count_probe(lora_trainable_count, request: dict) -> dict:
-    observed = _answer_kind(lora_trainable_count)
-    if observed["callable"]:
-        observed["calls"] = [_run(lora_trainable_count, *case) for case in request["cases"]]
-    return observed
+    return _probe_each_case(lora_trainable_count, request["cases"], lambda case: case)
 
 
 def _lora_count_judge(request: dict, observed: dict) -> None:
@@ -151,10 +145,7 @@ def _bits_request(seed: int) -> dict:
 
 
 def _bits_probe(bits_per_weight, request: dict) -> dict:
-    observed = _answer_kind(bits_per_weight)
-    if observed["callable"]:
-        observed["calls"] = [_run(bits_per_weight, *case) for case in request["cases"]]
-    return observed
+    return _probe_each_case(bits_per_weight, request["cases"], lambda case: case)
 
 
 def _bits_judge(request: dict, observed: dict) -> None:
@@ -203,10 +194,7 @@ def _zero_request(seed: int) -> dict:
 
 
 def _zero_probe(zero_bytes_per_device, request: dict) -> dict:
-    observed = _answer_kind(zero_bytes_per_device)
-    if observed["callable"]:
-        observed["calls"] = [_run(zero_bytes_per_device, *case) for case in request["cases"]]
-    return observed
+    return _probe_each_case(zero_bytes_per_device, request["cases"], lambda case: case)
 
 
 def _zero(n: int, devices: int, stage: int, k: int = 12, shift: int = 0) -> float:

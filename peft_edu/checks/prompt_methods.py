@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Exercise, _answer_kind, _fail, _require_callable, _run, _value_of
+from .core import Exercise, _answer_kind, _fail, _probe_each_case, _require_callable, _run, _value_of
 
 
 # --- Prompt-methods chapter: parameters of a prefix ----------------------------------------------
@@ -27,10 +27,7 @@ def _prefix_params_request(seed: int) -> dict:
 
 
 def _prefix_params_probe(prefix_param_count, request: dict) -> dict:
-    observed = _answer_kind(prefix_param_count)
-    if observed["callable"]:
-        observed["calls"] = [_run(prefix_param_count, *case) for case in request["cases"]]
-    return observed
+    return _probe_each_case(prefix_param_count, request["cases"], lambda case: case)
 
 
 def _prefix_params_judge(request: dict, observed: dict) -> None:

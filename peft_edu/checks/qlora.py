@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..quantization import FP4_LEVELS, INT4_LEVELS, NF4_LEVELS, nearest_level_index
-from .core import Exercise, _answer_kind, _fail, _require_callable, _run, _value_of
+from .core import Exercise, _answer_kind, _fail, _probe_each_case, _require_callable, _run, _value_of
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -115,10 +115,7 @@ def _pack_request(seed: int) -> dict:
 
 
 def _pack_probe(pack_codes, request: dict) -> dict:
-    observed = _answer_kind(pack_codes)
-    if observed["callable"]:
-        observed["calls"] = [_run(pack_codes, case["codes"].clone()) for case in request["cases"]]
-    return observed
+    return _probe_each_case(pack_codes, request["cases"], lambda case: (case["codes"].clone(),))
 
 
 def _pack_judge(request: dict, observed: dict) -> None:
