@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from parity import build_batch, build_tiny
 from parity import tiny_bert_config  # noqa: F401 - test_training.py imports it from here
 
-torch.set_num_threads(2)
+# Two threads, or what OMP_NUM_THREADS says (`make test` runs the unit tests on one, beside a chapter).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 
 @pytest.fixture

@@ -47,6 +47,17 @@ def test_notebook_is_in_the_book(path):
     assert f"notebooks/{path.stem}" in toc_files()
 
 
+def test_make_runs_every_chapter_of_the_book_once():
+    """`make test` executes the chapters it lists (CHAPTERS in the Makefile) beside the unit tests, into the cache the
+    strict build renders from; a chapter missing there would still run, but alone in the build, after the rest."""
+    listed = re.search(r"^CHAPTERS := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    in_book = [f.removeprefix("notebooks/") for f in toc_files() if f.startswith("notebooks/")]
+    assert len(listed) == len(set(listed)), f"the Makefile's CHAPTERS names a chapter twice: {listed}"
+    assert sorted(listed) == sorted(in_book), (
+        f"the Makefile's CHAPTERS ({listed}) and the notebooks of _toc.yml ({in_book}) differ: list each chapter "
+        "once, longest-running first")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_has_no_stored_outputs(path):
     """The book executes every notebook; stored outputs would be stale numbers nobody reran."""
