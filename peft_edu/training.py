@@ -14,9 +14,11 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -152,3 +154,28 @@ def train(model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoa
             break
     model.eval()
     return history
+
+
+# PyTorch's FlopCounterMode has formulas for the attention kernels scaled_dot_product_attention uses on CUDA (flash,
+# memory-efficient, cuDNN), not for the one it uses on a CPU: without these two entries a CPU count leaves attention out.
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops}
+
+
+def count_flops(run: Callable[[], object]) -> int:
+    """The floating-point operations of ``run()``, as PyTorch's FlopCounterMode counts them: matrix products and
+    attention, two per multiply-add, on any device (element-wise operations, such as IA³'s rescaling, count zero).
+
+        count_flops(lambda: model(**batch).loss.backward())   # one training step's forward and backward
+    """
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+        run()
+    return counter.get_total_flops()

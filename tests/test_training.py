@@ -152,3 +152,31 @@ def test_print_summary_false_prints_nothing(capsys):
     assert capsys.readouterr().out == "" and len(history) == 2
     train(tiny_model(), tiny_task(), epochs=1, lr=1e-3, device=torch.device("cpu"), progress=False)
     assert "epoch 1/1: train loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward and backward"])
+def test_count_flops_counts_attention_on_a_cpu(backward):
+    """scaled_dot_product_attention's CPU kernel has no formula in FlopCounterMode; count_flops gives it one, so a
+    model counts the same with it as with attention written as matrix products (transformers' eager attention)."""
+    counts, plain_counts = {}, {}
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification._from_config(tiny_bert_config(num_labels=2),
+                                                           attn_implementation=implementation)
+        assert model.config._attn_implementation == implementation
+        model.eval()   # in training mode attention dropout sends sdpa to its decomposed path, which is counted anyway
+        ids = torch.randint(5, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0])}
+        step = (lambda: model(**batch).loss.backward()) if backward else (lambda: model(**batch))
+        counts[implementation] = peft_edu.training.count_flops(step)
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as plain:
+            step()
+        plain_counts[implementation] = plain.get_total_flops()
+    assert plain_counts["sdpa"] < plain_counts["eager"], "PyTorch now counts CPU attention itself: drop the mapping"
+    assert counts["eager"] == plain_counts["eager"]
+    # A fused attention's backward computes the scores Q·Kᵀ again instead of keeping them (PyTorch's formula for it
+    # counts that): one more product of 2·batch·heads·length²·head size per layer than the eager backward.
+    config = model.config
+    head_size = config.hidden_size // config.num_attention_heads
+    recomputed = config.num_hidden_layers * 2 * 3 * config.num_attention_heads * 12 ** 2 * head_size if backward else 0
+    assert counts["sdpa"] == counts["eager"] + recomputed
