@@ -45,7 +45,7 @@ assets: setup
 
 # The chapter notebooks, longest first, the order in which `make -j` starts them (tests/test_notebooks.py checks
 # that it names every notebook of _toc.yml).
-CHAPTERS := lora prompt_methods dora lora_beyond_linear many_tasks adapters qlora memory
+CHAPTERS := prompt_methods dora lora lora_beyond_linear choosing many_tasks adapters qlora memory
 # How many chapters (and, in `make test`, the unit tests) run side by side, and torch threads for each. Small models
 # use a second thread poorly: on 2 cores, two 1-thread runs side by side finished a LoRA training 1.3x and a full
 # fine-tuning 1.4x sooner than the same two one after the other on 2 threads each.

@@ -359,3 +359,75 @@ def test_prompt_methods_numerically_careful_gate_passes():
 
     for seed in PROMPT_METHODS.seeds("q4"):
         checks.check_gate_lambda(stable, seed=seed)
+
+
+# --- the choosing chapter's own ------------------------------------------------------------------
+CHOOSING = CHAPTERS["choosing"]
+
+
+def test_choosing_q1_reference_is_the_sweeps_choose_on_one_seed_per_rate():
+    """On the seed-0 runs alone (one seed per rate, as the sweep's grid), the mean over seeds is that one run: the
+    exercise's rule is then the recorded sweep's ``choose``, ties to the smaller rate included."""
+    import sys
+    from pathlib import Path
+
+    # benchmarks/ is not a package: imported as tests/test_choosing_recorded.py does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import choosing_recorded
+
+    for seed in CHOOSING.seeds("q1"):
+        for runs in checks.check_choose_learning_rates.request(seed)["cases"]:
+            grid_runs = [run for run in runs if run["seed"] == 0]
+            assert CHOOSING.reference("q1")(grid_runs) == choosing_recorded.choose(grid_runs)
+
+
+def test_choosing_q1_cases_hold_ties_and_unequal_seeds():
+    """The sweeps the check draws hold what the exercise is about: a tie at the top of a method's mean validation
+    accuracy, rates run on different numbers of seeds, and test accuracies that would choose another rate."""
+    reference = checks.choosing.choose_learning_rates_reference
+    for seed in CHOOSING.seeds("q1"):
+        planted = checks.check_choose_learning_rates.request(seed)["cases"][0]
+        assert checks.choosing._choose(planted, smaller_on_tie=False) != reference(planted)
+        assert checks.choosing._choose(planted, key="test accuracy") != reference(planted)
+        seeds_per_rate = {}
+        for run in planted:
+            seeds_per_rate.setdefault((run["method"], run["learning rate"]), set()).add(run["seed"])
+        assert len({len(seeds) for seeds in seeds_per_rate.values()}) > 1
+
+
+# A hashable form of each question's inputs (a list of dicts, two dicts, two sequences), for a lookup table of the
+# public test
+CHOOSING_INPUT_KEYS = {
+    "q1": lambda runs: tuple(tuple(run.items()) for run in runs),
+    "q2": lambda costs, accuracies: (tuple(costs.items()), tuple(accuracies.items())),
+    "q3": lambda a, b: (tuple(float(x) for x in a), tuple(float(y) for y in b)),
+}
+
+
+@pytest.mark.parametrize("q", list(CHOOSING_INPUT_KEYS))
+def test_choosing_answer_fitted_to_the_public_test_fails_the_hidden_test(q):
+    """The reference's answers (and errors) on the public test's inputs, replayed from a table, pass the public test
+    and fail every hidden one: the generic test's table needs hashable inputs, and these are not."""
+    check, reference, key = CHOOSING.check(q), CHOOSING.reference(q), CHOOSING_INPUT_KEYS[q]
+    table = {}
+
+    def recording(*args):
+        try:
+            table[key(*args)] = reference(*args)
+        except ValueError as error:  # the paired difference's refusals are part of the public test
+            table[key(*args)] = error
+            raise
+        return table[key(*args)]
+
+    check(recording, seed=0)
+    unknown = {"q1": {}, "q2": set(), "q3": (0.0, 0.0)}[q]
+
+    def fitted(*args):
+        answer = table.get(key(*args), unknown)
+        if isinstance(answer, ValueError):
+            raise answer
+        return answer
+
+    check(fitted, seed=0)  # fools the public test ...
+    for seed in CHOOSING.notebook[q].hidden_seeds:  # ... but not the hidden ones
+        assert_helpful(rejected(check, fitted, seed))

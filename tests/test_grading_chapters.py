@@ -152,6 +152,36 @@ CHAPTERS = {
         },
         "feedback": ["base layer's x W₀ᵀ alone", "the exact sum of the updates", "elect +1 on a tie"],
     },
+    "choosing": {
+        "points": {"q1": 1.0, "q2": 2.0, "q3": 1.0},
+        "answers": ["choose_learning_rates", "pareto_front", "paired_difference"],
+        "right": {
+            "q1": ("import statistics\n\n\ndef choose_learning_rates(runs):\n    scores = {}\n    for r in runs:\n"
+                   "        scores.setdefault(r['method'], {}).setdefault(r['learning rate'], []).append(r['validation accuracy'])\n"
+                   "    return {m: min(s, key=lambda lr: (-statistics.mean(s[lr]), lr)) for m, s in scores.items()}"),
+            "q2": ("def pareto_front(costs, accuracies):\n    points = {m: (costs[m], -accuracies[m]) for m in costs}\n"
+                   "    return {m for m in costs if not any(o != points[m] and all(x <= y for x, y in zip(o, points[m]))\n"
+                   "                                         for o in points.values())}"),
+            "q3": ("import numpy as np\n\n\ndef paired_difference(accuracy_a, accuracy_b):\n"
+                   "    if len(accuracy_a) != len(accuracy_b) or len(accuracy_a) < 2:\n"
+                   "        raise ValueError(f'{len(accuracy_a)} and {len(accuracy_b)} accuracies')\n"
+                   "    d = np.asarray(accuracy_a, dtype=float) - np.asarray(accuracy_b, dtype=float)\n"
+                   "    return float(d.mean()), float(d.std(ddof=1))"),
+        },
+        "wrong": {
+            "q1": ("import statistics\n\n\ndef choose_learning_rates(runs):\n    scores = {}\n    for r in runs:\n"
+                   "        scores.setdefault(r['method'], {}).setdefault(r['learning rate'], []).append(r['test accuracy'])\n"
+                   "    return {m: min(s, key=lambda lr: (-statistics.mean(s[lr]), lr)) for m, s in scores.items()}"),
+            "q2": ("def pareto_front(costs, accuracies):\n    return {a for a in costs if not any(\n"
+                   "        costs[b] < costs[a] and accuracies[b] > accuracies[a] for b in costs)}"),
+            "q3": ("import numpy as np\n\n\ndef paired_difference(accuracy_a, accuracy_b):\n"
+                   "    if len(accuracy_a) != len(accuracy_b) or len(accuracy_a) < 2:\n"
+                   "        raise ValueError(f'{len(accuracy_a)} and {len(accuracy_b)} accuracies')\n"
+                   "    d = np.asarray(accuracy_a, dtype=float) - np.asarray(accuracy_b, dtype=float)\n"
+                   "    return float(d.mean()), float(d.std())"),
+        },
+        "feedback": ["no longer measures anything unseen", "strictly cheaper and strictly more accurate", "population sd"],
+    },
     "lora_beyond_linear": {
         "points": {"q1": 1.0, "q2": 1.0, "q3": 1.0},
         "answers": ["embedding_lora_forward", "merge_conv1d", "pissa_residual"],

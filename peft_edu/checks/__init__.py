@@ -12,7 +12,7 @@ sandbox and judge it outside (see ``peft_edu.grading``):
 
 ``core.py`` holds what every exercise shares (``CheckFailed``, ``Exercise``, the probing and judging
 helpers); each chapter has its module (``lora.py``, ``lora_beyond_linear.py``, ``dora.py``, ``adapters.py``, ``prompt_methods.py``, ``memory.py``,
-``qlora.py``) that writes the three steps of its exercises and binds each exercise once, as
+``qlora.py``, ``many_tasks.py``, ``choosing.py``) that writes the three steps of its exercises and binds each exercise once, as
 ``check_lora_forward = Exercise(...)``. That variable is the exercise's name: ``EXERCISES`` is
 gathered from the chapter modules, and every exercise is importable from here,
 ``from peft_edu.checks import check_lora_forward``.
@@ -25,12 +25,12 @@ A hidden test uses another ``seed``, so an answer cannot be fitted to the public
 
 from __future__ import annotations
 
-from . import adapters, dora, lora, lora_beyond_linear, many_tasks, memory, prompt_methods, qlora
+from . import adapters, choosing, dora, lora, lora_beyond_linear, many_tasks, memory, prompt_methods, qlora
 from .core import CheckFailed, Exercise, exercises_in
 
 # chapter (the notebook's name) -> the module of its checks, in the book's order
 CHAPTERS = {"lora": lora, "lora_beyond_linear": lora_beyond_linear, "dora": dora, "adapters": adapters, "prompt_methods": prompt_methods,
-            "memory": memory, "qlora": qlora, "many_tasks": many_tasks}
+            "memory": memory, "qlora": qlora, "many_tasks": many_tasks, "choosing": choosing}
 
 
 def _gather() -> dict[str, Exercise]:
