@@ -47,7 +47,6 @@ def _probe_calls(answer, cases: list, arguments, as_data) -> list:
         calls.append(outcome | {"value": as_data(value)} if outcome["status"] == "ok" else outcome)
     return calls
 
-
 # --- Exercise 1: each method's learning rate -----------------------------------------------------------------
 _SWEEP_METHODS = ("head only", "full fine-tuning", "LoRA r=8", "rsLoRA r=64", "DoRA r=8", "IA³", "Houlsby",
                   "Pfeiffer", "parallel", "prefix tuning (MLP)", "P-tuning v2", "prompt tuning", "mix-and-match")
@@ -289,7 +288,6 @@ check_choose_learning_rates = Exercise(
     doc="``choose_learning_rates(runs)``: {method: the rate with the best mean validation accuracy over its seeds}, a "
         "tie to the smaller rate.")
 
-
 # --- Exercise 2: the Pareto front ----------------------------------------------------------------------------
 _METHODS = tuple(f"method {letter}" for letter in "ABCDEFGHIJKLMNOP")
 
@@ -450,7 +448,6 @@ check_pareto_front = Exercise(
     "function", _front_request, _front_probe, _front_judge,
     doc="``pareto_front(costs, accuracies)``: the set of methods that no other method dominates (cost <=, "
         "accuracy >=, strictly better in one).")
-
 
 # --- Exercise 3: the paired difference -------------------------------------------------------------------------
 _KINDS = ("list", "tuple", "float32 tensor", "float64 tensor", "numpy array")
