@@ -65,6 +65,8 @@ PAGES = {
     "broken_link.html": page('<p><a href="nowhere.html">gone</a>, <a href="good.html#no-such-anchor">no anchor</a>, '
                              '<a href="#not-here">not here</a>, <a href="index.html">the start</a>.</p>'),
     "eq_eq.html": page('<p>By Eq. <a href="#top">Eq. (3)</a> the update is small.</p>'),
+    "dash.html": page('<p>Recorded by <span class="pasted-text">python x.py \u2013jobs 2 \u2013out y</span>.</p>'
+                      '<p>Ranges (2\u20135), pairs (question\u2013answer) and a spaced dash \u2013 like this \u2013 are prose.</p>'),
     "console_error.html": page('<script>console.error("boom from the page")</script><script>notAFunction()</script>'),
     "network.html": page('<p>offline?</p>', head='<script src="https://cdn.example.org/lib.js"></script>'),
     "bad_math.html": page(r'<p><span class="math notranslate nohighlight">\(\undefinedcommand x\)</span> and a price'
@@ -144,6 +146,12 @@ def test_eq_eq(checked):
     assert texts(checked[0]["eq_eq.html"], "Eq. Eq.") == ["'By Eq. Eq. (3) the update is small.'"]  # once, in its paragraph
 
 
+def test_an_option_whose_dashes_became_an_en_dash(checked):
+    assert texts(checked[0]["dash.html"], "dash") == [
+        "an option's \"--\" became a dash: 'Recorded by python x.py \u2013jobs 2 \u2013out y.' (write the command as code, "
+        "or print it in a cell's output)"]   # once per paragraph; the second paragraph's dashes are prose
+
+
 def test_javascript_console_errors(checked):
     found = texts(checked[0]["console_error.html"], "console")
     assert len(found) == 2 and "boom from the page" in found[0] and "notAFunction" in found[1]
@@ -169,7 +177,7 @@ def test_mathjax_that_does_not_load(checked):
 def test_the_report_names_every_page_and_problem(checked):
     problems = checked[2]
     report = check_book_pages.format_report(problems, len(PAGES), 1.0, None)
-    assert report.splitlines()[0].startswith(f"browser check: {len(problems)} problems on 10 of {len(PAGES)} pages")
+    assert report.splitlines()[0].startswith(f"browser check: {len(problems)} problems on 11 of {len(PAGES)} pages")
     assert all(p.text in report for p in problems)
 
 

@@ -13,6 +13,8 @@ so a page is checked as a reader without a network sees it. Each page is reporte
     image      an image that did not load (naturalWidth 0)
     link       a link to a page or anchor of the book that does not exist
     Eq. Eq.    the prose's "Eq." followed by a reference that adds "Eq." again
+    dash       a word in the prose that starts with an en or em dash ("–jobs"): a command-line option whose "--"
+               Sphinx's smart quotes turned into a dash, so a reader who copies it gets a command that fails
     console    a JavaScript error (console.error, an uncaught exception, a resource that failed to load)
     missing    a file the page loads (script, stylesheet, font) that the book does not have
     network    a resource the page loads from the network (the book must render offline)
@@ -64,6 +66,7 @@ TEX_ERROR = re.compile(r'data-mjx-error="([^"]*)"|<mtext mathcolor="red">(\\[^<]
 TEX_WORDS = re.compile(r"\\(?:text\w*|math\w*|operatorname|mbox)\s*\{[^{}]*\}|\\[A-Za-z]+")
 PROSE_IN_MATH = re.compile(r"(?:^|\s)(?:and|or|the|of|for|to|is|are|per|with|from|than|costs?|each)\s")
 EQ_EQ = re.compile(r"\bEqs?\.\s*Eq\.")
+DASHED_OPTION = re.compile(r"(?:^|[\s(])[\u2013\u2014][A-Za-z]")   # "–jobs"; not "2–5", "question–answer", " – "
 OUTPUT_NOISE = [
     (re.compile(r"Traceback \(most recent call last\)"), "a traceback"),
     (re.compile(r"\b\w*Warning: "), "a warning"),  # "path:12: UserWarning: ...", "Warning: ..."
@@ -133,7 +136,7 @@ async (timeoutMs) => {
 @dataclass(frozen=True)
 class Problem:
     page: str      # relative to the book's root: notebooks/lora.html
-    kind: str      # raw TeX, math, output, image, link, Eq. Eq., console, missing, network, browser
+    kind: str      # raw TeX, math, output, image, link, Eq. Eq., dash, console, missing, network, browser
     text: str      # what is wrong and the offending text
     section: str = ""
 
@@ -194,6 +197,11 @@ def page_problems(page: str, facts: dict) -> list[Problem]:
                                  block["section"]))
         found += [Problem(page, "Eq. Eq.", _quote(_around(block["text"], m, 40)), block["section"])
                   for m in EQ_EQ.finditer(block["text"])]
+        match = DASHED_OPTION.search(block["text"])
+        if match:
+            found.append(Problem(page, "dash", f"an option's \"--\" became a dash: {_quote(_around(block['text'], match, 40))}"
+                                               " (write the command as code, or print it in a cell's output)",
+                                 block["section"]))
     for output in facts["outputs"]:
         classes = output["classes"].split()
         if "stderr" in classes:
