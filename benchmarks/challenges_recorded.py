@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import choosing_recorded as choosing  # noqa: E402 (same folder; benchmarks/ is not a package)
-from dora_lora_bench import cpu_name  # noqa: E402
+from harness import cpu_name  # noqa: E402
 
 import peft_edu  # noqa: E402
 

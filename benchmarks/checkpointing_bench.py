@@ -38,7 +38,7 @@ import peft_edu
 from peft_edu.assets import load_causal_lm
 from peft_edu.memory import measure_training_step
 
-from dora_lora_bench import cpu_name  # noqa: E402 (same folder)
+from harness import cpu_name  # noqa: E402 (same folder)
 
 METHODS = {
     "lora": lambda: peft_edu.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),

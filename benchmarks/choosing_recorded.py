@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resuming: {len(done)} runs of {args.resume} are kept", flush=True)
     runs, chosen = sweep(args.methods, settings, args.jobs, done)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from dora_lora_bench import cpu_name  # same folder
+    from harness import cpu_name  # same folder
 
     recording = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/choosing_recorded.py " + " ".join(argv),

@@ -176,7 +176,7 @@ def machine_info() -> dict:
     import peft
     import transformers
 
-    from dora_lora_bench import cpu_name  # same folder
+    from harness import cpu_name  # same folder
 
     cpu = cpu_name()
     return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",

@@ -149,7 +149,8 @@ def token_batch(vocab: int, batch_size: int, seq_len: int, device) -> dict:
 
 
 def interleaved_steps(variants: dict, batch, rounds: int, warmup: int, device) -> dict:
-    from compare_methods import interleaved, train_step
+    from compare_methods import interleaved
+    from harness import train_step
 
     losses = {k: [] for k in variants}
     runs = {k: (lambda i, k=k, mo=mo: losses[k].append(train_step(*mo, batch))) for k, mo in variants.items()}
@@ -160,10 +161,11 @@ def interleaved_steps(variants: dict, batch, rounds: int, warmup: int, device) -
 
 def peak_bytes(model, optimizer, batch, device) -> int:
     """CUDA: the measured peak of a step; CPU (dry run): the deterministic bytes kept for backward."""
-    from compare_methods import cuda_peak_step_bytes, saved_for_backward_bytes
+    from compare_methods import saved_for_backward_bytes
+    from harness import peak_step_bytes
 
     if device.type == "cuda":
-        return cuda_peak_step_bytes(model, optimizer, batch, device)
+        return peak_step_bytes(model, optimizer, batch, device)
     return saved_for_backward_bytes(model, batch)
 
 
@@ -291,6 +293,8 @@ def distributed(ctx) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from harness import run_bounded
+
     worker = Path(__file__).resolve().parents[1] / "tests" / "distributed_worker.py"
     env = {**os.environ, "PEFT_EDU_DEVICE": ctx["device"].type, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     launches, adapters = {}, {}
@@ -301,10 +305,10 @@ def distributed(ctx) -> dict:
                 sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
                 engine, str(out)]
             begin = time.monotonic()
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-            launches[engine] = {"seconds": time.monotonic() - begin, "returncode": done.returncode}
-            if done.returncode:
-                raise RuntimeError(f"{engine} failed: {(done.stdout + done.stderr)[-1500:]}")
+            returncode, output = run_bounded(command, 120, env=env)  # kills torchrun's workers too
+            launches[engine] = {"seconds": time.monotonic() - begin, "returncode": returncode}
+            if returncode != 0:
+                raise RuntimeError(f"{engine} {'ran past 120 s' if returncode is None else 'failed'}: {output[-1500:]}")
             adapters[engine] = load_file(out / "adapter_model.safetensors")
     diff = max((adapters["ddp"][k] - v).abs().max().item() for k, v in adapters["single"].items())
     return {"engines": launches, "device": ctx["device"].type, "max_adapter_difference_ddp_vs_single": diff,
@@ -401,10 +405,10 @@ def markdown(record: dict) -> str:
         if part["status"] != "ok":
             summary = part.get("error") or part.get("reason", "")
         elif "files" in result:  # the harness: its report has every ratio
-            passed = sum(t["passed"] for t in result["targets"])
-            summary = (f"{passed} of {len(result['targets'])} targets pass; "
-                       + "; ".join(t["target"] for t in result["targets"] if not t["passed"])
-                       + f" fail (see {result['files'][0]})")
+            counts = {v: sum(t["verdict"] == v for t in result["targets"]) for v in ("PASS", "FAIL", "NOT RESOLVED")}
+            summary = (f"of {len(result['targets'])} targets: " + ", ".join(f"{n} {v}" for v, n in counts.items())
+                       + "; " + "; ".join(f"{t['verdict']} {t['target']}" for t in result["targets"]
+                                          if t["verdict"] != "PASS") + f" (see {result['files'][0]})")
         elif "targets" in result:
             summary = "; ".join(f"{'PASS' if t['passed'] else 'FAIL'} {t['target']}" for t in result["targets"])
         elif "memory_with / without" in result:

@@ -8,8 +8,10 @@ Three measurements, each against the paper's arithmetic or a reference (QLoRA, a
   (embeddings and norms stay in float32, as transformers keeps them).
 * **training memory**: LoRA on the float32 base vs QLoRA (peft_edu on its 4-bit base; PEFT on bitsandbytes' base,
   loaded by transformers with BitsAndBytesConfig) at the same batch: resident bytes (weights, buffers, bitsandbytes'
-  quantisation state, optimizer state) plus the peak a training step allocates on top (``dora_lora_bench``'s
-  profiler method).
+  quantisation state, optimizer state) plus the peak a training step allocates on top (``harness.peak_step_bytes``,
+  torch.profiler's CPU allocations).
+  Both with the 4-bit layers computing in float32 and, as the paper's QLoRA does, in bfloat16 (``--compute-dtypes``;
+  the bfloat16 family is a bfloat16 base, so also LoRA on a bfloat16 base, to show what each half saves).
 * **step time**: zero_grad + forward + backward + AdamW, the variants taking steps in turn (round robin) so that
   background load hits them alike; median and minimum of ``--steps`` steps. QLoRA / LoRA-fp32 is the cost of
   dequantising every base weight twice per step (forward, and backward for the input's gradient): it weighs most
@@ -18,7 +20,7 @@ Three measurements, each against the paper's arithmetic or a reference (QLoRA, a
 Memory and time are measured for each of ``--batch-sizes`` (rows of ``--seq-len`` tokens of QA text).
 
     python benchmarks/qlora_bench.py --threads 1 --steps 7 --warmup 2 --batch-sizes 1,8 --seq-len 64 \\
-        --out benchmarks/results/qlora_cpu.md
+        --out <scratch>.md       # then copied into benchmarks/results/qlora_cpu.md with the other runs
 
 Targets (issue 14): 4-bit weights ≤ 0.30 × their float32 bytes; QLoRA peak training memory ≤ 0.5 × LoRA's on the
 float32 base; peft_edu QLoRA step ≤ 1.10 × PEFT + bitsandbytes. CPU only: bitsandbytes' CUDA kernels are not here.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -41,27 +44,55 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from dora_lora_bench import machine_info, peak_step_bytes, smollm2_batch, step  # noqa: E402 (same folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine_info, peak_step_bytes, smollm2_batch, train_step  # noqa: E402 (same folder)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("LoRA fp32 (peft_edu)", "QLoRA (peft_edu)", "QLoRA (PEFT + bitsandbytes)")
+# variant: (library, base). A base is "<kind> <compute dtype>": the float SmolLM2, peft_edu's 4-bit copy of it
+# (quantize_model) or transformers + bitsandbytes' 4-bit load. In the bfloat16 family the embedding and norms are
+# bfloat16 too (what loading with dtype=torch.bfloat16 gives) and the 4-bit layers compute in bfloat16, as the
+# paper's QLoRA does (its Eq. 5: BF16 inputs and BF16 adapters on an NF4 base).
+VARIANTS = {
+    "LoRA fp32 (peft_edu)": ("peft_edu", "float float32"),
+    "QLoRA (peft_edu)": ("peft_edu", "nf4 float32"),
+    "QLoRA (PEFT + bitsandbytes)": ("PEFT", "bnb float32"),
+    "LoRA bf16 (peft_edu)": ("peft_edu", "float bfloat16"),
+    "QLoRA bf16 (peft_edu)": ("peft_edu", "nf4 bfloat16"),
+    "QLoRA bf16 (PEFT + bitsandbytes)": ("PEFT, bfloat16 adapters", "bnb bfloat16"),
+    # PEFT's default, autocast_adapter_dtype=True, keeps A and B in float32 on a bfloat16 base, and casts each
+    # layer's input to float32 for them: more memory kept for backward
+    "QLoRA bf16, float32 adapters (PEFT's default)": ("PEFT", "bnb bfloat16"),
+}
+BASELINE = "LoRA fp32 (peft_edu)"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-# --- the three bases -----------------------------------------------------------------------------------
-def load_bases():
-    """(tokenizer, float32 SmolLM2, peft_edu's 4-bit copy, transformers + bitsandbytes' 4-bit model)."""
+def variants_for(compute_dtypes: list[str]) -> list[str]:
+    return [v for v, (_, base) in VARIANTS.items() if base.split()[1] in compute_dtypes]
+
+
+# --- the bases -----------------------------------------------------------------------------------------
+def load_bases(compute_dtypes: list[str]):
+    """(tokenizer, {base name: model}) for every compute dtype asked for; see VARIANTS."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import peft_edu
     from peft_edu.assets import load_causal_lm
 
     tokenizer, fp32 = load_causal_lm()
-    ours = peft_edu.quantize_model(copy.deepcopy(fp32))
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(fp32.name_or_path, quantization_config=config, dtype=torch.float32,
-                                                  device_map="cpu", local_files_only=True)
-    return tokenizer, fp32, ours, theirs
+    bases = {}
+    for name in ["float32"] + [d for d in compute_dtypes if d != "float32"]:
+        dtype = DTYPES[name]
+        # loaded in the dtype, as transformers loads the 4-bit model (not fp32.to(dtype), which would also round
+        # the rotary embedding's float32 inv_freq buffer and so compute another function)
+        float_base = fp32 if dtype == torch.float32 else load_causal_lm(dtype)[1]
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=dtype)
+        bases[f"float {name}"] = float_base
+        bases[f"nf4 {name}"] = peft_edu.quantize_model(copy.deepcopy(float_base), compute_dtype=dtype)
+        bases[f"bnb {name}"] = AutoModelForCausalLM.from_pretrained(
+            fp32.name_or_path, quantization_config=config, dtype=dtype, device_map="cpu", local_files_only=True)
+    return tokenizer, bases
 
 
 def resident_bytes(model, optimizer=None) -> int:
@@ -86,10 +117,11 @@ def resident_bytes(model, optimizer=None) -> int:
 
 
 # --- storage ----------------------------------------------------------------------------------------------
-def storage(fp32, ours, theirs) -> dict:
+def storage(bases: dict) -> dict:
     from peft_edu.qlora import Linear4bit
     from peft_edu.quantization import NF4Weight, paper_bits_per_parameter, quantize_absmax, quantize_nf4
 
+    fp32, ours = bases["float float32"], bases["nf4 float32"]
     weights = {n: m.weight for n, m in fp32.named_modules() if isinstance(ours.get_submodule(n), Linear4bit)}
     params = sum(w.numel() for w in weights.values())
     nf4 = dq = 0
@@ -102,48 +134,53 @@ def storage(fp32, ours, theirs) -> dict:
              "NF4 + double quantisation": paper_bits_per_parameter(True)}
     whole = {"float32": resident_bytes(fp32), "bfloat16": resident_bytes(fp32) // 2,
              "4-bit (peft_edu.quantize_model)": resident_bytes(ours),
-             "4-bit (transformers + bitsandbytes)": resident_bytes(theirs)}
+             "4-bit (transformers + bitsandbytes)": resident_bytes(bases["bnb float32"])}
+    if "nf4 bfloat16" in bases:
+        whole["4-bit, bfloat16 embedding and norms (peft_edu)"] = resident_bytes(bases["nf4 bfloat16"])
+        whole["4-bit, bfloat16 embedding and norms (transformers + bitsandbytes)"] = resident_bytes(bases["bnb bfloat16"])
     return {"layers": len(weights), "params": params, "quantised": quantised, "paper_bits": paper, "whole_model": whole}
 
 
 # --- training ---------------------------------------------------------------------------------------------------
-def build(variant: str, bases, r: int, lora_alpha: float):
+def build(variant: str, bases: dict, r: int, lora_alpha: float):
     import peft
 
     import peft_edu
 
-    _, fp32, ours, theirs = bases
+    library, base = VARIANTS[variant]
     config = dict(r=r, lora_alpha=lora_alpha, target_modules=TARGETS, task_type="CAUSAL_LM")
     torch.manual_seed(1)
-    if variant == VARIANTS[2]:
+    if library.startswith("PEFT"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = peft.get_peft_model(copy.deepcopy(theirs), peft.LoraConfig(**config))
+            model = peft.get_peft_model(copy.deepcopy(bases[base]), peft.LoraConfig(**config),
+                                        autocast_adapter_dtype=library == "PEFT")
     else:
-        base = fp32 if variant == VARIANTS[0] else ours
-        model = peft_edu.get_peft_model(copy.deepcopy(base), peft_edu.LoraConfig(**config))
+        model = peft_edu.get_peft_model(copy.deepcopy(bases[base]), peft_edu.LoraConfig(**config))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
 
 
-def train_at(batch_size: int, bases, tokenizer, args) -> dict:
-    """Memory, then step times, of the three variants at one batch size."""
+def train_at(batch_size: int, bases: dict, tokenizer, args) -> dict:
+    """Memory, then step times, of the variants at one batch size."""
     batch = smollm2_batch(tokenizer, batch_size, args.seq_len)
     runs = {v: {"model_optimizer": build(v, bases, args.r, args.lora_alpha), "times": [], "losses": []}
-            for v in VARIANTS}
+            for v in variants_for(args.compute_dtypes)}
     memory = {}
     for variant, run in runs.items():
         model, optimizer = run["model_optimizer"]
-        step(model, optimizer, batch)  # the optimizer's state exists from the first step on
+        train_step(model, optimizer, batch)  # the optimizer's state exists from the first step on
         peak = peak_step_bytes(model, optimizer, batch, torch.device("cpu"))
         resident = resident_bytes(model, optimizer)
-        memory[variant] = {"resident_bytes": resident, "peak_step_bytes": peak, "total_bytes": resident + peak}
+        adapter_dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+        memory[variant] = {"resident_bytes": resident, "peak_step_bytes": peak, "total_bytes": resident + peak,
+                           "adapter_dtype": str(adapter_dtype).removeprefix("torch.")}
     for i in range(args.warmup + args.steps):  # round robin: background load hits every variant alike
         for run in runs.values():
             torch.manual_seed(i)
             start = time.perf_counter()
-            loss = step(*run["model_optimizer"], batch)
+            loss = train_step(*run["model_optimizer"], batch)
             if i >= args.warmup:
                 run["times"].append(time.perf_counter() - start)
             run["losses"].append(loss)
@@ -171,43 +208,54 @@ def markdown(result: dict, info: dict, args, command: str) -> str:
                      f"{nbytes / fp32_bytes:.4f} |")
     lines += ["", "The measured bits include each weight's partial last block and one float32 mean per matrix.", "",
               "Whole model (parameters, buffers, bitsandbytes' quantisation state; the 49,152 × 576 embedding, tied "
-              "to the output head, and the norms stay float32):", "",
+              "to the output head, and the norms stay float32, or bfloat16 where a row says so):", "",
               "| model | MB | × float32 model |", "|---|---:|---:|"]
     whole = s["whole_model"]
     for name, nbytes in whole.items():
         lines.append(f"| {name} | {mb(nbytes)} | {nbytes / whole['float32']:.4f} |")
     lines += ["", f"## Training (r={args.r}, alpha={args.lora_alpha}, targets {', '.join(TARGETS)})", "",
               "Memory: resident = weights, buffers, quantisation state and AdamW state after a first step; step peak = "
-              "the peak a step allocates above that (torch.profiler's CPU allocations, as in dora_lora_bench.py; "
-              "oneDNN scratch buffers not seen). MB = 10^6 bytes.",
+              "the peak a step allocates above that (torch.profiler's CPU allocations, harness.peak_step_bytes; "
+              "oneDNN scratch buffers not seen). MB = 10^6 bytes. × LoRA fp32 = total / LoRA on the float32 base.",
+              "The bf16 variants: embedding, norms and 4-bit layers' compute in bfloat16, adapters bfloat16 as in the "
+              "paper's Eq. 5, except PEFT's default row (autocast_adapter_dtype=True: float32 adapters).",
               f"Time: zero_grad + forward + backward + AdamW; median and minimum of {args.steps} steps after "
-              f"{args.warmup} warm-up steps, the three variants taking steps in turn. Losses: the same data and seeds, "
-              "so the two QLoRA variants should print the same losses.", ""]
+              f"{args.warmup} warm-up steps, the variants taking steps in turn. Losses: the same data and seeds, "
+              "so the two float32 QLoRA variants print the same losses. The two bfloat16 ones compute the same function "
+              "(equal logits before training) but do not start equal: peft_edu draws A in bfloat16, PEFT draws it in "
+              "float32 and rounds (about 0.2 % of the entries differ), so their losses differ a little.", ""]
     for run in result["training"]:
         batch = f"{run['batch'][0]} × {run['batch'][1]}"
         memory, times = run["memory"], run["time"]
         lines += [f"### batch {batch} tokens", "",
-                  "| variant | resident MB | step peak MB | total MB | × LoRA fp32 | median step (ms) | min step (ms) "
-                  "| every timed step (ms) | loss, first → last step |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|---|"]
-        for variant in VARIANTS:
+                  "| variant | adapters | resident MB | step peak MB | total MB | × LoRA fp32 | median step (ms) "
+                  "| min step (ms) | every timed step (ms) | loss, first → last step |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        for variant in memory:
             m, t = memory[variant], times[variant]
-            share = m["total_bytes"] / memory[VARIANTS[0]]["total_bytes"]
-            lines.append(f"| {variant} | {mb(m['resident_bytes'])} | {mb(m['peak_step_bytes'])} "
+            share = m["total_bytes"] / memory[BASELINE]["total_bytes"]
+            lines.append(f"| {variant} | {m['adapter_dtype']} | {mb(m['resident_bytes'])} | {mb(m['peak_step_bytes'])} "
                          f"| {mb(m['total_bytes'])} | {share:.3f} | {1e3 * t['median_step_s']:.0f} "
                          f"| {1e3 * t['min_step_s']:.0f} | {' '.join(f'{1e3 * x:.0f}' for x in t['step_times_s'])} "
                          f"| {t['losses'][0]:.5f} → {t['losses'][-1]:.5f} |")
         ratio = lambda a, b, key: times[a][key] / times[b][key]  # noqa: E731
         lines += ["", "| step-time ratio | median | min |", "|---|---:|---:|"]
-        for label, a, b in (("QLoRA: peft_edu / PEFT + bitsandbytes", VARIANTS[1], VARIANTS[2]),
-                            ("peft_edu: QLoRA / LoRA fp32 (the cost of dequantising)", VARIANTS[1], VARIANTS[0]),
-                            ("PEFT + bitsandbytes QLoRA / peft_edu LoRA fp32", VARIANTS[2], VARIANTS[0])):
-            lines.append(f"| {label} | {ratio(a, b, 'median_step_s'):.3f} | {ratio(a, b, 'min_step_s'):.3f} |")
+        pairs = [("QLoRA: peft_edu / PEFT + bitsandbytes", "QLoRA (peft_edu)", "QLoRA (PEFT + bitsandbytes)"),
+                 ("peft_edu: QLoRA / LoRA fp32 (the cost of dequantising)", "QLoRA (peft_edu)", BASELINE),
+                 ("PEFT + bitsandbytes QLoRA / peft_edu LoRA fp32", "QLoRA (PEFT + bitsandbytes)", BASELINE),
+                 ("QLoRA bf16: peft_edu / PEFT + bitsandbytes", "QLoRA bf16 (peft_edu)",
+                  "QLoRA bf16 (PEFT + bitsandbytes)"),
+                 ("peft_edu: QLoRA bf16 / LoRA bf16 (the cost of dequantising)", "QLoRA bf16 (peft_edu)",
+                  "LoRA bf16 (peft_edu)")]
+        for label, a, b in pairs:
+            if a in times and b in times:
+                lines.append(f"| {label} | {ratio(a, b, 'median_step_s'):.3f} | {ratio(a, b, 'min_step_s'):.3f} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> dict:
+    """Measure, print the report, write it (and the raw numbers as JSON next to it) if asked; the raw numbers."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
@@ -215,21 +263,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16)
+    parser.add_argument("--compute-dtypes", default="float32,bfloat16",
+                        help="comma-separated: float32 (the 4-bit layers compute in float32), bfloat16 (the paper's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
+    parser.add_argument("--out", default=None, help="also write the report (markdown) to this file, and its numbers "
+                                                    "as JSON beside it (the same name, .json)")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    args.compute_dtypes = [d.strip() for d in args.compute_dtypes.split(",") if d.strip()]
+    if not args.compute_dtypes or any(d not in DTYPES for d in args.compute_dtypes):
+        parser.error(f"--compute-dtypes {','.join(args.compute_dtypes)!r}: a comma-separated list of {', '.join(DTYPES)}")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     import bitsandbytes
 
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
-    info = dict(machine_info(torch.device("cpu")), bitsandbytes=bitsandbytes.__version__,
-                date=time.strftime("%Y-%m-%d"))
-    print("loading SmolLM2 and its two 4-bit versions ...", flush=True)
-    bases = load_bases()
-    tokenizer = bases[0]
-    result = {"storage": storage(*bases[1:])}
+    info = dict(machine_info(torch.device("cpu"), packages=("transformers", "peft")),
+                bitsandbytes=bitsandbytes.__version__, date=time.strftime("%Y-%m-%d"))
+    print(f"loading SmolLM2 and its 4-bit versions ({', '.join(args.compute_dtypes)}) ...", flush=True)
+    tokenizer, bases = load_bases(args.compute_dtypes)
+    result = {"storage": storage(bases)}
     result["training"] = []
     for batch_size in args.batch_sizes:
         print(f"batch {batch_size} x {args.seq_len}: memory, then {args.warmup}+{args.steps} steps per variant ...",
@@ -237,10 +290,21 @@ def main(argv=None) -> int:
         result["training"].append(train_at(batch_size, bases, tokenizer, args))
     report = markdown(result, info, args, command)
     print(report)
+    record = {"command": command, "machine": info,
+              "settings": {"r": args.r, "lora_alpha": args.lora_alpha, "seq_len": args.seq_len, "targets": TARGETS,
+                           "compute_dtypes": args.compute_dtypes, "steps": args.steps, "warmup": args.warmup},
+              **result}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report + "\n")
-        print(f"wrote {args.out}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report + "\n")
+        out.with_suffix(".json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+    return record
+
+
+def main(argv=None) -> int:
+    run(argv)
     return 0
 
 

@@ -5,7 +5,10 @@ QLoRA stores each frozen weight W₀ in NF4 (see ``peft_edu.quantization``) and 
 
     h = dequant(W₀ᴺᶠ⁴) x + b + s · B A x
 
-The adapter (A, B) is ordinary LoRA (``peft_edu.lora``), trained in full precision; only the base is 4-bit.
+The adapter (A, B) is ordinary LoRA (``peft_edu.lora``), only the base is 4-bit. A and B take the dtype the
+base computes in: float32 by default, bfloat16 when the 4-bit layers compute in bfloat16, as in the paper's
+Eq. 5 (PEFT upcasts 16-bit adapters to float32 unless ``autocast_adapter_dtype=False``; for float32 adapters on
+a bfloat16 base here, cast them after ``get_peft_model``).
 Gradients flow through the frozen base to the layers below (∂L/∂x = dequant(W₀)ᵀ ∂L/∂h), never into it.
 
 **Where the memory goes.** ``Linear4bit`` keeps the packed codes (½ byte per weight) and the absmax constants.

@@ -9,9 +9,8 @@ process group is killed if it overruns, so a hung rendezvous cannot hang the sui
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+sys.path.insert(0, str(WORKER.parents[1] / "benchmarks"))
+from harness import run_bounded  # noqa: E402 (benchmarks/ is not a package)
+
 TIME_LIMIT_S = 300
 
 pytestmark = pytest.mark.slow
@@ -26,15 +28,10 @@ pytestmark = pytest.mark.slow
 
 def launch(command: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no network needed
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TIME_LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+    returncode, output = run_bounded(command, TIME_LIMIT_S, env=env, cwd=cwd)  # kills torchrun's workers too
+    if returncode is None:
         pytest.fail(f"{' '.join(command)} did not finish in {TIME_LIMIT_S} s:\n{output[-3000:]}")
-    assert process.returncode == 0, f"{' '.join(command)} failed:\n{output[-3000:]}"
+    assert returncode == 0, f"{' '.join(command)} failed:\n{output[-3000:]}"
 
 
 def adapter_of(directory: Path) -> dict[str, torch.Tensor]:
@@ -68,3 +65,21 @@ def adapter_of_untrained() -> dict[str, torch.Tensor]:
 
     import peft_edu
     return {f"base_model.model.{k}": v for k, v in peft_edu.model.adapter_state_dict(adapted_model()).items()}
+
+
+def test_launcher_kills_workers_in_other_sessions():
+    # what hung a CI run: torchrun's worker, in a session of its own, outlived its killed parent and held the pipe.
+    # Here a parent starts a worker in a new session that would sleep for a minute, then the parent waits too.
+    worker = "import time; time.sleep(60)"
+    parent = ("import subprocess, sys, time; "
+              f"w = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
+              "print(w.pid, flush=True); time.sleep(60)")
+    start = time.monotonic()
+    returncode, output = run_bounded([sys.executable, "-c", parent], timeout_s=3)
+    assert returncode is None and time.monotonic() - start < 20
+    worker_pid = int(output.split()[0])
+    time.sleep(0.2)
+    state = Path(f"/proc/{worker_pid}/stat")
+    assert not state.exists() or state.read_text().split()[2] == "Z", "the worker in its own session survived"
+    # and a command that ends in time: its code and output come back
+    assert run_bounded([sys.executable, "-c", "print('done'); raise SystemExit(3)"], timeout_s=30) == (3, "done\n")
