@@ -35,7 +35,11 @@ Targets (issue 13), measured in the same run and never asserted in timed tests. 
 ratios (per round, the two sides' times back to back: the load of that moment divides out), as their median over
 the rounds with a 90 % bootstrap interval: PASS or FAIL when the interval lies on one side of the target, NOT
 RESOLVED when it holds it (on a shared CPU a ratio of two equal computations is 1.00 ± a few per cent, which no
-verdict can split). The targets:
+verdict can split). The interval covers the noise from round to round, not what stays fixed for a whole run, such
+as where each model's tensors landed in memory: rsLoRA's 1.034 (interval 1.005-1.060, FAIL) in the recording of
+2026-12-03 measured 1.09, 0.99 and 0.98 in three separate paired runs of that pair alone (one with the build order
+swapped), the same operations with the same shapes each time. A FAIL by a few per cent wants a second run. The
+targets:
 train step ≤ 1.00 × the reference for every method; merged LoRA inference ≤ 1.02 × the base model (batch 1 and
 the large batch); peft_edu DoRA ≤ 1.15 × peft_edu LoRA in activations kept for backward (MiniLM) and in step memory
 (SmolLM2, when run), with DoRA's step time ≤ 1.10 × LoRA's.
@@ -517,7 +521,8 @@ def markdown(results: list[dict], checks, info: dict, args, command: str) -> str
               "bootstrap interval. PASS or FAIL only when the whole interval lies on one side of the target; NOT "
               f"RESOLVED when it holds the target, or with fewer than {MIN_ROUNDS} rounds (this run cannot tell; more "
               "rounds or a quieter machine can). "
-              "Bytes are deterministic and judged as they are.", ""]
+              "The interval does not cover what stays fixed for a run (where each model's tensors landed in memory): "
+              "a FAIL by a few per cent wants a second run. Bytes are deterministic and judged as they are.", ""]
     lines += [f"- {c['verdict']} {c['target']}" for c in checks]
     return "\n".join(lines)
 
