@@ -138,7 +138,7 @@ def run_bounded(command: list[str], timeout_s: float, env: dict | None = None, c
     output pipe open and a reader of that pipe waits for ever (a test run hung so). So the output goes to a file,
     not a pipe, and each process that inherited this call's marker in its environment is killed at the end.
     """
-    marker = f"{uuid.uuid4().hex}"
+    marker = uuid.uuid4().hex
     env = {**(os.environ if env is None else env), "PEFT_EDU_LAUNCH": marker}
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
