@@ -79,7 +79,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine_info, minilm_batch, peak_step_bytes, smollm2_batch, sync, train_step  # noqa: E402 (same folder)
+from harness import (MIN_ROUNDS, machine_info, minilm_batch, paired_ratio, peak_step_bytes, smollm2_batch,  # noqa: E402
+                     sync, train_step, verdict)  # (same folder)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -386,37 +387,6 @@ def ratios(rows: list[dict], infer_batches: list[int]) -> list[dict]:
                 entry[label] = ours[key] / theirs[key]
         out.append(entry)
     return out
-
-
-def paired_ratio(ours: list[float], theirs: list[float], level: float = 0.90, resamples: int = 2000,
-                 seed: int = 0) -> tuple[float, float, float]:
-    """(median, low, high) of the per-round ratios ours[i] / theirs[i], with a bootstrap interval over the rounds.
-
-    Both sides of round i ran back to back, so the load of that moment divides out of their ratio; the spread of
-    the ratios over the rounds is what is left of the noise. The interval (``level``, percentile bootstrap of the
-    median) says whether a run can tell the ratio from a target at all.
-    """
-    per_round = [a / b for a, b in zip(ours, theirs, strict=True)]
-    draw = random.Random(seed)
-    medians = sorted(statistics.median(draw.choices(per_round, k=len(per_round))) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return (statistics.median(per_round), medians[int(tail * resamples)],
-            medians[min(resamples - 1, int((1 - tail) * resamples))])
-
-
-MIN_ROUNDS = 5  # fewer paired rounds than this (--quick) say too little about the noise for any verdict on a time
-
-
-def verdict(value: float, low: float | None, high: float | None, target: float, rounds: int | None = None) -> str:
-    """PASS or FAIL when the interval lies on one side of the target; NOT RESOLVED when it holds the target, or
-    when a time was measured over fewer than ``MIN_ROUNDS`` rounds."""
-    if low is None:  # a deterministic quantity (bytes): no noise to resolve
-        return "PASS" if value <= target else "FAIL"
-    if rounds is not None and rounds < MIN_ROUNDS:
-        return "NOT RESOLVED"
-    if high <= target:
-        return "PASS"
-    return "FAIL" if low > target else "NOT RESOLVED"
 
 
 def targets(results: list[dict]) -> list[dict]:

@@ -13,17 +13,21 @@ than its minimum is recorded as skipped):
    compute) against peft_edu LoRA on ``peft_edu.quantize_model`` (its ``Linear4bit``, the same NF4 codes), and
    peft_edu LoRA on the unquantised bfloat16 model: step time (interleaved medians), measured peak step memory,
    resident bytes, first losses (the two QLoRA variants should agree to bfloat16 rounding).
-4. **gradient checkpointing**: peft_edu LoRA with and without transformers' checkpointing (use_reentrant=True, its
+4. **mixed batch**: ``mixed_batch_bench.py`` on CUDA: SmolLM2 generation with 1, 4 and 16 distinct LoRA
+   adapters in a batch of 32, peft_edu's batched gather against PEFT's mixed batch and against merging each
+   adapter in turn (issue 15's throughput target: ≥ 1.5 × PEFT at 16 adapters).
+5. **gradient checkpointing**: peft_edu LoRA with and without transformers' checkpointing (use_reentrant=True, its
    default, which peft_edu mends): peak step memory saved, step time paid, and the largest difference between the
    two runs' gradients.
-5. **distributed**: ``tests/distributed_worker.py`` (the CPU test's training script) on the card: DDP with two
+6. **distributed**: ``tests/distributed_worker.py`` (the CPU test's training script) on the card: DDP with two
    processes sharing it (gloo, which takes CUDA tensors) against one process; the largest difference of the
    saved adapters and the wall time of each launch.
-6. **chapter run**: the LoRA chapter's experiment at full length (MiniLM on the whole polarity training split,
+7. **chapter run**: the LoRA chapter's experiment at full length (MiniLM on the whole polarity training split,
    ``peft_edu.training.train``); needs the course's assets, else skipped.
 
 Results go to ``benchmarks/results/gpu/<card-name-slug>/``: ``gpu_check.json`` (everything, with the command,
-machine, versions and date), ``gpu_check.md`` (a summary) and the harness's own ``compare_methods_<precision>.{md,json}``.
+machine, versions and date), ``gpu_check.md`` (a summary), the harness's own ``compare_methods_<precision>.{md,json}``
+and ``mixed_batch.{md,json}``.
 
     python benchmarks/gpu_check.py                  # on the GPU machine (make gpu-check)
     python benchmarks/gpu_check.py --cpu-dry-run    # every code path on the CPU at tiny sizes, into a temp folder
@@ -316,6 +320,23 @@ def distributed(ctx) -> dict:
                                                            "tolerance 1e-5)"}]}
 
 
+def mixed_batch(ctx) -> dict:
+    import mixed_batch_bench
+
+    out = ctx["out"] / "mixed_batch"
+    if ctx["dry"]:
+        argv = ["--adapters", "1,2", "--batch", "4", "--new-tokens", "2", "--rounds", "1", "--warmup", "0",
+                "--device", "cpu"]
+    else:
+        argv = ["--adapters", "1,4,16", "--batch", "32", "--new-tokens", "32", "--rounds", "5", "--warmup", "1",
+                "--device", "cuda"]
+    record = mixed_batch_bench.run(argv + ["--out", str(out.with_suffix(".md"))])
+    t = record["target"]
+    return {"files": [f"{out.name}.md", f"{out.name}.json"],
+            "targets": [{"verdict": t["verdict"], "target": f"{t['target']} at {t['adapters']} adapters: "
+                                                            f"{t['throughput_ratio']:.2f}"}]}
+
+
 def chapter_lora(ctx) -> dict:
     import torch
 
@@ -342,6 +363,7 @@ PARTS = [  # name, function, minimum seconds left to start it, its own limit (se
     ("harness_bfloat16", lambda ctx: harness(ctx, "bfloat16"), 60, 120),
     ("harness_autocast_bf16", lambda ctx: harness(ctx, "autocast_bf16"), 60, 120),
     ("qlora", qlora, 45, 120),
+    ("mixed_batch", mixed_batch, 45, 150),
     ("gradient_checkpointing", checkpointing, 30, 90),
     ("distributed", distributed, 30, 90),
     ("chapter_lora_full_run", chapter_lora, 30, 120),

@@ -13,7 +13,9 @@ import contextlib
 import importlib
 import os
 import platform
+import random
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -85,17 +87,32 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model, optimizer, batch, amp=contextlib.nullcontext) -> float:
+def model_loss(model, batch) -> torch.Tensor:
+    """The loss the model computes itself (transformers': a causal LM's over the whole batch's logits at once)."""
+    return model(**batch).loss
+
+
+def chunked_loss(model, batch) -> torch.Tensor:
+    """The same causal-LM loss, 128 positions at a time (``peft_edu.chunked_causal_lm_loss``)."""
+    from peft_edu import chunked_causal_lm_loss
+
+    return chunked_causal_lm_loss(model, **batch)
+
+
+LOSSES = {"model": model_loss, "chunked": chunked_loss}
+
+
+def train_step(model, optimizer, batch, amp=contextlib.nullcontext, loss_of=model_loss) -> float:
     """zero_grad + forward + backward + optimizer step; the loss (``.item()`` waits for the device)."""
     optimizer.zero_grad(set_to_none=True)
     with amp():
-        loss = model(**batch).loss
+        loss = loss_of(model, batch)
     loss.backward()
     optimizer.step()
     return loss.item()
 
 
-def peak_step_bytes(model, optimizer, batch, device, amp=contextlib.nullcontext) -> int:
+def peak_step_bytes(model, optimizer, batch, device, amp=contextlib.nullcontext, loss_of=model_loss) -> int:
     """Peak bytes one step allocates above what was allocated before it (weights, optimizer state; gradients are
     set to None first). CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before. CPU: the running sum of
     the allocations and frees PyTorch's CPU allocator reports to ``torch.profiler(profile_memory=True)``, at its
@@ -105,10 +122,10 @@ def peak_step_bytes(model, optimizer, batch, device, amp=contextlib.nullcontext)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        train_step(model, optimizer, batch, amp)
+        train_step(model, optimizer, batch, amp, loss_of)
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    return peak_bytes(lambda: train_step(model, optimizer, batch, amp))
+    return peak_bytes(lambda: train_step(model, optimizer, batch, amp, loss_of))
 
 
 def peak_bytes(work) -> int:
@@ -127,6 +144,38 @@ def peak_bytes(work) -> int:
         running += nbytes
         peak = max(peak, running)
     return peak
+
+
+# --- ratios of times measured in turn ------------------------------------------------------------------------
+def paired_ratio(ours: list[float], theirs: list[float], level: float = 0.90, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(median, low, high) of the per-round ratios ours[i] / theirs[i], with a bootstrap interval over the rounds.
+
+    Both sides of round i ran back to back, so the load of that moment divides out of their ratio; the spread of
+    the ratios over the rounds is what is left of the noise. The interval (``level``, percentile bootstrap of the
+    median) says whether a run can tell the ratio from a target at all.
+    """
+    per_round = [a / b for a, b in zip(ours, theirs, strict=True)]
+    draw = random.Random(seed)
+    medians = sorted(statistics.median(draw.choices(per_round, k=len(per_round))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return (statistics.median(per_round), medians[int(tail * resamples)],
+            medians[min(resamples - 1, int((1 - tail) * resamples))])
+
+
+MIN_ROUNDS = 5  # fewer paired rounds than this (--quick) say too little about the noise for any verdict on a time
+
+
+def verdict(value: float, low: float | None, high: float | None, target: float, rounds: int | None = None) -> str:
+    """PASS or FAIL when the interval lies on one side of the target; NOT RESOLVED when it holds the target, or
+    when a time was measured over fewer than ``MIN_ROUNDS`` rounds."""
+    if low is None:  # a deterministic quantity (bytes): no noise to resolve
+        return "PASS" if value <= target else "FAIL"
+    if rounds is not None and rounds < MIN_ROUNDS:
+        return "NOT RESOLVED"
+    if high <= target:
+        return "PASS"
+    return "FAIL" if low > target else "NOT RESOLVED"
 
 
 # --- a process tree with a time limit ----------------------------------------------------------------------

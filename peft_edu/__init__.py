@@ -27,6 +27,7 @@ from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .qlora import Linear4bit, quantize_model
 from .quantization import NF4Weight, dequantize_nf4, quantize_nf4
 from .registry import register_method
+from .chunked_loss import chunked_causal_lm_loss
 from .named_adapters import active_adapter, delete_adapter, list_adapters, set_adapter
 from .adapter_arithmetic import add_weighted_adapter
 from .composition import (Fuse, Stack, add_adapter_fusion, composition_parameters, load_adapter_fusion,
@@ -55,4 +56,5 @@ __all__ = [
     "composition_parameters", "save_adapter_fusion", "load_adapter_fusion",
     "Linear4bit", "quantize_model", "NF4Weight", "quantize_nf4", "dequantize_nf4",
     "LoraConv", "DoraConv", "LoraEmbedding", "DoraEmbedding", "LoraMultiheadAttention", "IA3Conv",
+    "chunked_causal_lm_loss",
 ]

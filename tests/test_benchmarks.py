@@ -22,7 +22,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import compare_methods  # noqa: E402 (benchmarks/ is not a package)
+import harness  # noqa: E402
 import gpu_check  # noqa: E402
+import mixed_batch_bench  # noqa: E402
 import qlora_bench  # noqa: E402
 
 pytestmark = pytest.mark.slow  # loads MiniLM and builds 22 adapted copies of it
@@ -85,6 +87,28 @@ def test_gpu_check_cpu_dry_run(tmp_path, restore_threads):
     assert parts["gradient_checkpointing"]["result"]["memory_with / without"] < 1
     assert parts["qlora"]["result"]["trainable_params"] > 0
     assert "| qlora | ok |" in (tmp_path / "gpu_check.md").read_text()
+    assert parts["mixed_batch"]["result"]["targets"][0]["verdict"] == "NOT RESOLVED"  # one round: no verdict
+    assert (tmp_path / "mixed_batch.md").is_file()
+
+
+def test_mixed_batch_bench(tmp_path, restore_threads):
+    record = mixed_batch_bench.run(["--threads", "1", "--adapters", "1,2,4", "--batch", "4", "--new-tokens", "3",
+                                    "--rounds", "2", "--warmup", "0", "--out", str(tmp_path / "mb.md")])
+    assert json.loads((tmp_path / "mb.json").read_text())["command"] == record["command"]
+    assert [r["adapters"] for r in record["results"]] == [1, 2, 4]
+    for r in record["results"]:
+        assert set(r["times_s"]) == set(mixed_batch_bench.VARIANTS)
+        assert all(len(times) == 2 and min(times) > 0 for times in r["times_s"].values())
+        # the same adapters in both libraries (PEFT's files, loaded by peft_edu): the same greedy tokens in every row
+        assert r["rows_equal_to_peft"]["peft_edu mixed batch"] == 4
+        assert r["generated_tokens"] == 4 * 3 and r["rows_per_adapter"] == 4 // r["adapters"]
+        ratio = r["peft_edu_over_peft_throughput"]
+        assert ratio["low"] <= ratio["value"] <= ratio["high"]
+    assert record["target"]["adapters"] == 4 and record["target"]["verdict"] == "NOT RESOLVED"  # 2 rounds: too few
+    assert "peft_edu mixed batch" in (tmp_path / "mb.md").read_text()
+    for bad in (["--adapters", "3", "--batch", "4"], ["--adapters", "0"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            mixed_batch_bench.run(bad)
 
 
 def test_qlora_bench_memory(tmp_path, restore_threads):
@@ -113,21 +137,34 @@ def test_qlora_bench_memory(tmp_path, restore_threads):
     # float32 compute: the two libraries' QLoRA are one computation (tests/test_qlora.py checks this exactly)
     assert times["QLoRA (peft_edu)"]["losses"] == pytest.approx(times["QLoRA (PEFT + bitsandbytes)"]["losses"],
                                                                 abs=1e-4)
-    assert "QLoRA bf16 (peft_edu)" in (tmp_path / "qlora.md").read_text()
+    # the chunked loss is the same loss: the same training, step for step
+    for chunked, whole in (("LoRA fp32 (peft_edu), chunked loss", "LoRA fp32 (peft_edu)"),
+                           ("QLoRA bf16 (peft_edu), chunked loss", "QLoRA bf16 (peft_edu)")):
+        assert memory[chunked]["loss"] == "chunked" and memory[whole]["loss"] == "model"
+        assert times[chunked]["losses"] == pytest.approx(times[whole]["losses"], abs=1e-4)
+    verdicts = {r["label"]: r for r in run["ratios"]}
+    assert len(verdicts) == len(qlora_bench.MEMORY_RATIOS) + len(qlora_bench.TIME_RATIOS)
+    for r in verdicts.values():
+        assert (r["target"] is None) == (r["verdict"] is None)
+        assert r["kind"] == "memory" or r["low"] <= r["value"] <= r["high"]
+    assert verdicts["QLoRA fp32 / LoRA fp32 (peft_edu)"]["verdict"] == "PASS"  # at 1 x 16 the weights dominate
+    assert verdicts["QLoRA fp32: peft_edu / PEFT + bitsandbytes"]["verdict"] == "NOT RESOLVED"  # one step: no verdict
+    report = (tmp_path / "qlora.md").read_text()
+    assert "QLoRA bf16 (peft_edu)" in report and "| memory: QLoRA bf16 / LoRA fp32 (peft_edu), both with" in report
 
 
 def test_paired_ratio_and_verdict():
     # a round's load hits both sides: the per-round ratio is steady although the times swing 3-fold
     ours = [1.1, 3.3, 2.2, 1.1, 3.3, 2.2, 1.1]
     theirs = [1.0, 3.0, 2.0, 1.0, 3.0, 2.0, 1.0]
-    value, low, high = compare_methods.paired_ratio(ours, theirs)
+    value, low, high = harness.paired_ratio(ours, theirs)
     assert value == pytest.approx(1.1) and low == pytest.approx(1.1) and high == pytest.approx(1.1)
-    assert compare_methods.verdict(value, low, high, 1.00) == "FAIL"
-    assert compare_methods.verdict(value, low, high, 1.20) == "PASS"
+    assert harness.verdict(value, low, high, 1.00) == "FAIL"
+    assert harness.verdict(value, low, high, 1.20) == "PASS"
     # noisy ratios around the target: the interval holds it, so the run cannot tell
-    value, low, high = compare_methods.paired_ratio([0.9, 1.1, 0.95, 1.08, 1.0, 0.93, 1.05], [1.0] * 7)
-    assert low < 1.0 < high and compare_methods.verdict(value, low, high, 1.00) == "NOT RESOLVED"
-    assert compare_methods.verdict(1.2, None, None, 1.15) == "FAIL"  # bytes: no interval
-    assert compare_methods.verdict(1.1, 1.1, 1.1, 1.00, rounds=2) == "NOT RESOLVED"  # too few rounds to judge
+    value, low, high = harness.paired_ratio([0.9, 1.1, 0.95, 1.08, 1.0, 0.93, 1.05], [1.0] * 7)
+    assert low < 1.0 < high and harness.verdict(value, low, high, 1.00) == "NOT RESOLVED"
+    assert harness.verdict(1.2, None, None, 1.15) == "FAIL"  # bytes: no interval
+    assert harness.verdict(1.1, 1.1, 1.1, 1.00, rounds=2) == "NOT RESOLVED"  # too few rounds to judge
     with pytest.raises(ValueError):
-        compare_methods.paired_ratio([1.0, 2.0], [1.0])
+        harness.paired_ratio([1.0, 2.0], [1.0])
