@@ -6,7 +6,7 @@ experiment then trains on BBC News too.
 
 * ``rank-rate``, hyper-parameter sensitivity: LoRA on the query and value projections at ranks 2, 8, 32 and 128, each at
   five learning rates a factor 3 apart, with alpha = 16 fixed and the update scaled by alpha / r (LoRA) or by
-  alpha / sqrt(r) (rsLoRA, arXiv 2312.03732); seeds 0 and 1. rsLoRA's argument is that alpha / r shrinks the update
+  alpha / sqrt(r) (rsLoRA, arXiv 2312.03732); seeds 0, 1 and 2. rsLoRA's argument is that alpha / r shrinks the update
   of a high rank so much that it needs a larger rate, while alpha / sqrt(r) keeps one rate right for every rank.
 * ``data-size``, the performance trade-off: full fine-tuning, LoRA r=8 and prompt tuning on the first 80, 240 or 960
   training sentences, each at the rate the chapter's sweep chose for it (read from its recording), seeds 0, 1, 2.
@@ -52,7 +52,7 @@ RANKS = (2, 8, 32, 128)   # r=8 at 5e-3, seed 0, is the sweep's LoRA run (same s
 ALPHA = 16
 SCALINGS = {"alpha / r": False, "alpha / sqrt(r)": True}  # name -> LoraConfig(use_rslora=...)
 RATES = tuple(5e-3 * 3.0 ** k for k in range(-2, 3))       # 5.6e-4 ... 4.5e-2, LoRA r=8's 5e-3 in the middle
-RANK_RATE_SEEDS = (0, 1)
+RANK_RATE_SEEDS = (0, 1, 2)
 
 TRAIN_SIZES = (80, 240, 960)   # the last is the sweep's
 QUICK_TRAIN_SIZES = (16,)

@@ -10,7 +10,8 @@ row's adapter, A_i (r × d_in) and B_i (d_out × r), and computes all rows with 
 
 Adapters of different ranks are zero-padded to the largest rank, and a row of the base model (``"__base__"``), or of
 an adapter that does not adapt this layer, gathers zero factors: zeros add nothing, so each row's output is exactly
-its own adapter's. ``mixed_batch`` takes the active adapter out (``named_adapters.py``), swaps a ``MixedBatchLora``
+its own adapter's. A generation step (one token per row) takes another road to the same sum, with no gather: the
+token times every adapter's A, a one-hot mask on its own adapter's slot, times every Bᵀ (``MixedBatchLora``). ``mixed_batch`` takes the active adapter out (``named_adapters.py``), swaps a ``MixedBatchLora``
 into every layer that some named adapter adapts for the duration of the call, and puts everything back afterwards;
 ``accept_adapter_names`` lets the model's forward and generate take PEFT's argument.
 """
@@ -43,8 +44,15 @@ class MixedBatchLora(nn.Module):
     """A linear layer W₀ plus, for row i of the batch, the LoRA update of adapter ``rows[i]``.
 
     ``layers`` maps adapter names to their ``LoraLinear`` at this place (an adapter missing here adds nothing). The
-    factors are stacked once, A as (adapters + 1, r_max, d_in) and B as (adapters + 1, d_out, r_max), the last slot
-    all zeros for the base model's rows; a forward gathers one slot per row.
+    factors are stacked once, A as (adapters + 1, r_max, d_in) and Bᵀ as (adapters + 1, r_max, d_out), the last slot
+    all zeros for the base model's rows. Two ways to the same update, chosen by the number of tokens per row:
+
+    * several (a prompt, a classification batch): gather each row's slot and use two batched products, Punica's
+      kernel; it computes each row with its own adapter only;
+    * one (a step of ``generate``): gathering would copy r_max · (d_in + d_out) numbers per row, more work than the
+      row's product itself. Instead the token meets every adapter's A in one matrix product, a one-hot row mask keeps
+      its own slot's r_max values (the others become exact zeros), and one product with all the Bᵀ stacked end to end
+      adds them up: the zeros add nothing, and no factor is copied (measured in benchmarks/mixed_batch_bench.py).
     """
 
     def __init__(self, base_layer: nn.Module, layers: dict[str, LoraLinear], rows: list[str]):
@@ -58,27 +66,39 @@ class MixedBatchLora(nn.Module):
         A, B = next(iter(layers.values())).lora_factors()
         r_max, slots = max(layer.r for layer in layers.values()), len(layers) + 1
         self.stacked_A = A.new_zeros(slots, r_max, A.shape[1], device=device)
-        self.stacked_B = B.new_zeros(slots, B.shape[0], r_max, device=device)
-        self.bias = B.new_zeros(slots, B.shape[0], device=device)
-        self.scaling = B.new_zeros(slots, device=device)
+        self.stacked_B_T = B.new_zeros(slots, r_max, B.shape[0], device=device)
+        bias = B.new_zeros(slots, B.shape[0], device=device)
+        scaling = B.new_zeros(slots, device=device)
         for slot, layer in enumerate(layers.values()):
             A, B = layer.lora_factors()
             self.stacked_A[slot, :layer.r] = A
-            self.stacked_B[slot, :, :layer.r] = B
+            self.stacked_B_T[slot, :layer.r] = B.T
             if layer.lora_B_bias() is not None:
-                self.bias[slot] = layer.lora_B_bias()
-            self.scaling[slot] = layer.scaling
+                bias[slot] = layer.lora_B_bias()
+            scaling[slot] = layer.scaling
+        # what every forward of this call needs per row, gathered once: B's bias (None when no adapter has one) and
+        # the scaling, and the one-hot mask of the row's slot
+        self.row_bias = bias[self.slot_of_row, None, :] if bias.any() else None
+        self.row_scaling = scaling[self.slot_of_row, None, None]
+        self.row_mask = nn.functional.one_hot(self.slot_of_row, slots).to(A.dtype)[:, None, :, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != len(self.rows):
             raise ValueError(f"adapter_names names {len(self.rows)} rows, but the batch has {x.shape[0]}: give one "
                              "adapter name (or '__base__') per row.")
         result = self.base_layer(x)
-        slots = self.slot_of_row
         tokens = x.to(self.stacked_A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in)
-        shrunk = torch.bmm(tokens, self.stacked_A[slots].transpose(1, 2))          # (batch, tokens, r_max)
-        update = torch.bmm(shrunk, self.stacked_B[slots].transpose(1, 2))          # (batch, tokens, d_out)
-        update = (update + self.bias[slots, None, :]) * self.scaling[slots, None, None]  # PEFT's order: (BAx + b)·s
+        slots, r_max = self.stacked_A.shape[:2]
+        if tokens.shape[1] > 1:  # gather each row's factors, two batched products
+            shrunk = torch.bmm(tokens, self.stacked_A[self.slot_of_row].transpose(1, 2))  # (batch, tokens, r_max)
+            update = torch.bmm(shrunk, self.stacked_B_T[self.slot_of_row])                # (batch, tokens, d_out)
+        else:  # one token per row: every adapter's A at once, the row's own slot kept, every Bᵀ at once
+            shrunk = tokens @ self.stacked_A.view(slots * r_max, -1).T                    # (batch, 1, slots · r_max)
+            shrunk = (shrunk.view(-1, 1, slots, r_max) * self.row_mask).view(-1, 1, slots * r_max)
+            update = shrunk @ self.stacked_B_T.view(slots * r_max, -1)                    # (batch, 1, d_out)
+        if self.row_bias is not None:
+            update = update + self.row_bias
+        update = update * self.row_scaling  # PEFT's order: (BAx + b)·s
         return result + update.reshape(result.shape).to(result.dtype)
 
 

@@ -160,17 +160,22 @@ def test_files_of_several_adapters_both_ways(tmp_path, active):
 
 
 # --- mixed-adapter batches ----------------------------------------------------------------------------------
-def test_mixed_batch_forward_matches_peft():
+@pytest.mark.parametrize("tokens", [8, 1])  # 1: the single-token path a generation step takes (every adapter, masked)
+def test_mixed_batch_forward_matches_peft(tokens):
     base, batch = build_tiny("llama"), build_batch("llama", batch=5)
+    batch = {key: value[:, :tokens] for key, value in batch.items()}
     ours, theirs = two_adapters(base)
     rows = ["second", "__base__", "default", "second", "default"]
     with torch.no_grad():
         mixed = ours(**inputs(batch), adapter_names=rows).logits
         assert_close(mixed, theirs(**inputs(batch), adapter_names=rows).logits)
+        with peft_edu.disable_adapter(ours):  # the same batch through the base model: the same kernels, row for row
+            whole_batch_of_the_base = ours(**inputs(batch)).logits
         for i, adapter in enumerate(rows):  # each row as if its adapter were the model's only one
             alone = {k: v[i:i + 1] for k, v in inputs(batch).items()}
-            if adapter == "__base__":
-                assert torch.equal(mixed[i:i + 1], base(**alone).logits)
+            if adapter == "__base__":  # zero factors add exactly nothing
+                assert torch.equal(mixed[i], whole_batch_of_the_base[i])
+                assert_close(mixed[i:i + 1], base(**alone).logits)  # alone: a one-row product may round otherwise
             else:
                 peft_edu.set_adapter(ours, adapter)
                 assert_close(mixed[i:i + 1], ours(**alone).logits)
