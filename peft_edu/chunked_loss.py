@@ -7,13 +7,14 @@ the N × V logits and their float32 log-softmax for backward, and backward alloc
 rows of 64 tokens on SmolLM2 that is about 300 MB, nearly half of a bfloat16 QLoRA step's peak
 (``benchmarks/qlora_bench.py``): at that size the loss, more than the 4-bit base, sets what a step needs.
 
-``chunked_causal_lm_loss`` (``head_loss_in_chunks`` once the hidden states are there) sends ``chunk_tokens`` positions at a time through the head and the loss, each chunk
-under activation checkpointing: forward keeps only the chunk's summed loss, and backward recomputes that chunk's
-logits, takes their gradient and frees them before the next chunk. What the loss needs falls to one chunk's share.
-The price is a second pass through the head, 2·N·d·V more FLOPs (the head holds a fifth of SmolLM2's weights, so
-about a tenth of a step). The value and every gradient are transformers' (the mean over the positions whose next
-token is not -100, in float32), up to the order of a sum; tests/test_chunked_loss.py checks both against
-``model(input_ids, labels=labels).loss``.
+``chunked_causal_lm_loss`` (``head_loss_in_chunks`` once the hidden states are there) sends ``chunk_tokens``
+positions at a time through the head and the loss, each chunk under activation checkpointing: forward keeps only
+the chunk's summed loss, and backward recomputes that chunk's logits, takes their gradient and frees them before
+the next chunk. What the loss needs falls to one chunk's share. The price is a second pass through the head,
+2·N·d·V more FLOPs: about a tenth of a SmolLM2 step's (the head holds a fifth of its weights), and 2-7 % more step
+time in ``benchmarks/qlora_bench.py``'s run 5. The value and every gradient are transformers' (the mean over the
+positions whose next token is not -100, in float32), up to the order of a sum; tests/test_chunked_loss.py checks
+both against ``model(input_ids, labels=labels).loss``.
 """
 
 from __future__ import annotations

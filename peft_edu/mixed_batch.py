@@ -10,8 +10,7 @@ row's adapter, A_i (r × d_in) and B_i (d_out × r), and computes all rows with 
 
 Adapters of different ranks are zero-padded to the largest rank, and a row of the base model (``"__base__"``), or of
 an adapter that does not adapt this layer, gathers zero factors: zeros add nothing, so each row's output is exactly
-its own adapter's. A generation step (one token per row) takes another road to the same sum, with no gather: the
-token times every adapter's A, a one-hot mask on its own adapter's slot, times every Bᵀ (``MixedBatchLora``). ``mixed_batch`` takes the active adapter out (``named_adapters.py``), swaps a ``MixedBatchLora``
+its own adapter's. ``mixed_batch`` takes the active adapter out (``named_adapters.py``), swaps a ``MixedBatchLora``
 into every layer that some named adapter adapts for the duration of the call, and puts everything back afterwards;
 ``accept_adapter_names`` lets the model's forward and generate take PEFT's argument.
 """
@@ -45,14 +44,9 @@ class MixedBatchLora(nn.Module):
 
     ``layers`` maps adapter names to their ``LoraLinear`` at this place (an adapter missing here adds nothing). The
     factors are stacked once, A as (adapters + 1, r_max, d_in) and Bᵀ as (adapters + 1, r_max, d_out), the last slot
-    all zeros for the base model's rows. Two ways to the same update, chosen by the number of tokens per row:
-
-    * several (a prompt, a classification batch): gather each row's slot and use two batched products, Punica's
-      kernel; it computes each row with its own adapter only;
-    * one (a step of ``generate``): gathering would copy r_max · (d_in + d_out) numbers per row, more work than the
-      row's product itself. Instead the token meets every adapter's A in one matrix product, a one-hot row mask keeps
-      its own slot's r_max values (the others become exact zeros), and one product with all the Bᵀ stacked end to end
-      adds them up: the zeros add nothing, and no factor is copied (measured in benchmarks/mixed_batch_bench.py).
+    all zeros for the base model's rows; a forward gathers one slot per row. The gather is ``index_select``: on a CPU
+    it copies the rows' factors faster than indexing with a tensor (``stacked_A[slots]``), and in a step of
+    ``generate``, one token per row, the copy is a large part of the adapters' cost (``benchmarks/mixed_batch_bench.py``).
     """
 
     def __init__(self, base_layer: nn.Module, layers: dict[str, LoraLinear], rows: list[str]):
@@ -76,11 +70,9 @@ class MixedBatchLora(nn.Module):
             if layer.lora_B_bias() is not None:
                 bias[slot] = layer.lora_B_bias()
             scaling[slot] = layer.scaling
-        # what every forward of this call needs per row, gathered once: B's bias (None when no adapter has one) and
-        # the scaling, and the one-hot mask of the row's slot
+        # gathered once for every forward of this call: each row's B bias (None when no adapter has one) and scaling
         self.row_bias = bias[self.slot_of_row, None, :] if bias.any() else None
         self.row_scaling = scaling[self.slot_of_row, None, None]
-        self.row_mask = nn.functional.one_hot(self.slot_of_row, slots).to(A.dtype)[:, None, :, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != len(self.rows):
@@ -88,14 +80,9 @@ class MixedBatchLora(nn.Module):
                              "adapter name (or '__base__') per row.")
         result = self.base_layer(x)
         tokens = x.to(self.stacked_A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in)
-        slots, r_max = self.stacked_A.shape[:2]
-        if tokens.shape[1] > 1:  # gather each row's factors, two batched products
-            shrunk = torch.bmm(tokens, self.stacked_A[self.slot_of_row].transpose(1, 2))  # (batch, tokens, r_max)
-            update = torch.bmm(shrunk, self.stacked_B_T[self.slot_of_row])                # (batch, tokens, d_out)
-        else:  # one token per row: every adapter's A at once, the row's own slot kept, every Bᵀ at once
-            shrunk = tokens @ self.stacked_A.view(slots * r_max, -1).T                    # (batch, 1, slots · r_max)
-            shrunk = (shrunk.view(-1, 1, slots, r_max) * self.row_mask).view(-1, 1, slots * r_max)
-            update = shrunk @ self.stacked_B_T.view(slots * r_max, -1)                    # (batch, 1, d_out)
+        A = torch.index_select(self.stacked_A, 0, self.slot_of_row)               # (batch, r_max, d_in)
+        B_T = torch.index_select(self.stacked_B_T, 0, self.slot_of_row)           # (batch, r_max, d_out)
+        update = torch.bmm(torch.bmm(tokens, A.transpose(1, 2)), B_T)             # (batch, tokens, d_out)
         if self.row_bias is not None:
             update = update + self.row_bias
         update = update * self.row_scaling  # PEFT's order: (BAx + b)·s
