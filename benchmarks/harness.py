@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import platform
 import random
@@ -144,6 +145,16 @@ def peak_bytes(work) -> int:
         running += nbytes
         peak = max(peak, running)
     return peak
+
+
+# --- a report and its numbers ----------------------------------------------------------------------------------
+def write_report(out, report: str, record: dict) -> None:
+    """The markdown report at ``out`` and its numbers as JSON beside it (the same name, ``.json``): a recording."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
 # --- ratios of times measured in turn ------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -44,7 +43,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine_info, paired_ratio, sync, verdict  # noqa: E402 (same folder)
+from harness import machine_info, paired_ratio, sync, verdict, write_report  # noqa: E402 (same folder)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["peft_edu mixed batch", "PEFT mixed batch", "merged, one task at a time", "base model"]
@@ -231,11 +230,7 @@ def run(argv=None) -> dict:
     report = markdown(record)
     print(report)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report + "\n")
-        out.with_suffix(".json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote {out} and {out.with_suffix('.json')}")
+        write_report(args.out, report, record)
     return record
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -51,7 +50,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import LOSSES, machine_info, paired_ratio, peak_step_bytes, smollm2_batch, train_step, verdict  # noqa: E402
+from harness import (LOSSES, machine_info, paired_ratio, peak_step_bytes, smollm2_batch, train_step,  # noqa: E402
+                     verdict, write_report)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # variant: (library, base, loss). A base is "<kind> <compute dtype>": the float SmolLM2, peft_edu's 4-bit copy of it
@@ -351,11 +351,7 @@ def run(argv=None) -> dict:
                            "compute_dtypes": args.compute_dtypes, "steps": args.steps, "warmup": args.warmup},
               **result}
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report + "\n")
-        out.with_suffix(".json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote {out} and {out.with_suffix('.json')}")
+        write_report(args.out, report, record)
     return record
 
 
