@@ -129,8 +129,9 @@ def _level_pair_words(levels: torch.Tensor) -> torch.Tensor:
     dequantising is then one 8-byte lookup per byte, with no shifts or masks, instead of unpacking nibbles and a
     lookup per value (several times faster on CPU; bitsandbytes' C kernel, one fused pass, is still ≈ 2× faster in
     isolation, see benchmarks/results/qlora_cpu.md). The words are typed float64 only because PyTorch's CPU
-    index_select copies float64 faster than int64 (about 290 against 390 µs for a 1536 × 576 weight, one thread);
-    the copy keeps every bit, and no pair of levels in [-1, 1] has the bits of a float64 NaN."""
+    index_select copies float64 faster than int64 (the lookup alone: about 290 against 390 µs for a 1536 × 576
+    weight, one thread). A copy keeps every bit: a word is a float64 NaN only if its upper level is not finite, and
+    the words whose upper level is 0 (float64 denormals) survive even ``torch.set_flush_denormal(True)`` (tested)."""
     byte = torch.arange(256)
     return torch.stack([levels[byte >> 4], levels[byte & 0x0F]], dim=1).view(torch.float64).view(-1)
 

@@ -23,6 +23,7 @@ from peft_edu.quantization import (
     NF4_LEVELS,
     NF4_OFFSET,
     NF4Weight,
+    _LEVEL_PAIR_WORDS,
     _absmax_lookup_table,
     dequantize_4bit,
     dequantize_nf4,
@@ -352,6 +353,26 @@ def test_every_code_book_packs_an_odd_count_with_the_code_of_zero(quant_type):
     stored = quantize_4bit(torch.ones(1, 3), quant_type)
     last = stored.codes.view(-1)[-1].item() & 15
     assert CODE_BOOK_ZERO[quant_type] == last and torch.equal(dequantize_4bit(stored), torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_the_float64_pair_table_keeps_every_bit_even_when_denormals_are_flushed(quant_type):
+    # the lookup copies 8-byte words typed float64; the word of a byte whose second level is 0 is a float64 denormal
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    stored = quantize_4bit(weight, quant_type)
+    expected = dequantize_4bit(stored)
+    assert torch.set_flush_denormal(True)  # x86 with SSE3: supported on the course's machines
+    try:
+        flushed = dequantize_4bit(stored)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(flushed, expected)
+    levels = {"nf4": NF4_LEVELS, "fp4": FP4_LEVELS, "int4": INT4_LEVELS}[quant_type]
+    codes = stored.codes.view(-1).long()
+    pairs = torch.stack([levels[codes >> 4], levels[codes & 15]], dim=1).view(-1)[: weight.numel()]
+    assert torch.equal(expected.view(-1), (pairs.view(-1, 64) * stored.absmax_values()[:, None]).view(-1))
+    words = _LEVEL_PAIR_WORDS[quant_type].view(torch.int64)
+    assert ((words >> 52) & 0x7FF).eq(0).any()  # some words are float64 denormals: the case a flush would break
 
 
 def test_nf4_has_the_smallest_error_of_the_three_on_normal_weights():
