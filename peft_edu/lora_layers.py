@@ -154,7 +154,7 @@ class LoraEmbedding(LoraLinear):
 
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
         if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not supported for a Embedding layer, only for "
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not supported for an Embedding layer, only for "
                              "Linear layers (PEFT ignores it on embeddings and starts them as usual).")
         if init_lora_weights is False:
             return

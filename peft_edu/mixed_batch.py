@@ -25,7 +25,7 @@ from torch import nn
 
 from .injection import replace_module
 from .lora import LoraLinear
-from .named_adapters import BASE_MODEL_ROW, adapter_parts, list_adapters, put_in, refuse_while_merged, take_out
+from .named_adapters import BASE_MODEL_ROW, adapters_parts, list_adapters, put_in, refuse_while_merged, take_out
 
 
 def refuse_unsupported_layer(adapter: str, name: str, module: nn.Module) -> None:
@@ -43,10 +43,9 @@ class MixedBatchLora(nn.Module):
     """A linear layer W₀ plus, for row i of the batch, the LoRA update of adapter ``rows[i]``.
 
     ``layers`` maps adapter names to their ``LoraLinear`` at this place (an adapter missing here adds nothing). The
-    factors are stacked once, A as (adapters + 1, r_max, d_in) and Bᵀ as (adapters + 1, r_max, d_out), the last slot
-    all zeros for the base model's rows; a forward gathers one slot per row. The gather is ``index_select``: on a CPU
-    it copies the rows' factors faster than indexing with a tensor (``stacked_A[slots]``), and in a step of
-    ``generate``, one token per row, the copy is a large part of the adapters' cost (``benchmarks/mixed_batch_bench.py``).
+    factors are stacked once per call, A as (adapters + 1, r_max, d_in) and s·Bᵀ as (adapters + 1, r_max, d_out),
+    the last slot all zeros for the base model's rows; a forward gathers one slot per row. The gather is
+    ``index_select``: on a CPU it copies the rows' factors faster than indexing with a tensor (``stacked_A[slots]``).
     """
 
     def __init__(self, base_layer: nn.Module, layers: dict[str, LoraLinear], rows: list[str]):
@@ -57,36 +56,52 @@ class MixedBatchLora(nn.Module):
         device = next(base_layer.parameters()).device
         slot_of = {name: slot for slot, name in enumerate(layers)}
         self.slot_of_row = torch.tensor([slot_of.get(name, len(layers)) for name in rows], device=device)
-        A, B = next(iter(layers.values())).lora_factors()
-        r_max, slots = max(layer.r for layer in layers.values()), len(layers) + 1
-        self.stacked_A = A.new_zeros(slots, r_max, A.shape[1], device=device)
-        self.stacked_B_T = B.new_zeros(slots, r_max, B.shape[0], device=device)
-        bias = B.new_zeros(slots, B.shape[0], device=device)
-        scaling = B.new_zeros(slots, device=device)
-        for slot, layer in enumerate(layers.values()):
+        r_max = max(layer.r for layer in layers.values())
+        A_rows, B_T_rows, biases = [], [], []
+        for layer in layers.values():
             A, B = layer.lora_factors()
-            self.stacked_A[slot, :layer.r] = A
-            self.stacked_B_T[slot, :layer.r] = B.T
-            if layer.lora_B_bias() is not None:
-                bias[slot] = layer.lora_B_bias()
-            scaling[slot] = layer.scaling
-        # gathered once for every forward of this call: each row's B bias (None when no adapter has one) and scaling
-        self.row_bias = bias[self.slot_of_row, None, :] if bias.any() else None
-        self.row_scaling = scaling[self.slot_of_row, None, None]
+            # the scaling goes into B once per call, not into every output: s·B(Ax) + s·b = (BAx + b)·s
+            A_rows.append(_zero_padded(A, r_max))
+            B_T_rows.append(_zero_padded(layer.scaling * B.T, r_max))
+            bias = layer.lora_B_bias()
+            biases.append(None if bias is None else layer.scaling * bias)
+        A_rows.append(torch.zeros_like(A_rows[0]))  # the base model's slot
+        B_T_rows.append(torch.zeros_like(B_T_rows[0]))
+        self.stacked_A = torch.stack(A_rows).to(device)
+        self.stacked_B_T = torch.stack(B_T_rows).to(device)
+        # each row's scaled B bias, gathered once for every forward of this call (None when no adapter has one)
+        self.row_bias = None
+        if any(bias is not None for bias in biases):
+            no_bias = B_T_rows[0].new_zeros(B_T_rows[0].shape[1])
+            stacked = torch.stack([no_bias if bias is None else bias for bias in biases] + [no_bias]).to(device)
+            self.row_bias = stacked[self.slot_of_row, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != len(self.rows):
             raise ValueError(f"adapter_names names {len(self.rows)} rows, but the batch has {x.shape[0]}: give one "
                              "adapter name (or '__base__') per row.")
-        result = self.base_layer(x)
+        result = self.base_layer(x).contiguous()
         tokens = x.to(self.stacked_A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in)
         A = torch.index_select(self.stacked_A, 0, self.slot_of_row)               # (batch, r_max, d_in)
-        B_T = torch.index_select(self.stacked_B_T, 0, self.slot_of_row)           # (batch, r_max, d_out)
-        update = torch.bmm(torch.bmm(tokens, A.transpose(1, 2)), B_T)             # (batch, tokens, d_out)
+        B_T = torch.index_select(self.stacked_B_T, 0, self.slot_of_row)           # (batch, r_max, d_out), scaled
+        down = torch.bmm(tokens, A.transpose(1, 2))                               # (batch, tokens, r_max)
+        # added into W₀x in place, which nothing needs afterwards: at a prompt of many tokens a fresh (batch, tokens,
+        # d_out) tensor for the update, and one for the sum, are megabytes to allocate and touch, and cost more than
+        # the product itself
+        into = result.view(x.shape[0], -1, result.shape[-1])
+        if into.dtype == B_T.dtype:
+            into.baddbmm_(down, B_T)
+        else:
+            into.add_(torch.bmm(down, B_T).to(into.dtype))
         if self.row_bias is not None:
-            update = update + self.row_bias
-        update = update * self.row_scaling  # PEFT's order: (BAx + b)·s
-        return result + update.reshape(result.shape).to(result.dtype)
+            into.add_(self.row_bias.to(into.dtype))
+        return result
+
+
+def _zero_padded(factor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``factor`` (r × d) with zero rows below it up to ``rows``: a smaller rank's padding adds nothing."""
+    missing = rows - factor.shape[0]
+    return factor if missing == 0 else torch.cat([factor, factor.new_zeros(missing, factor.shape[1])])
 
 
 @contextlib.contextmanager
@@ -95,12 +110,11 @@ def mixed_batch(model: nn.Module, rows: list[str]):
     the base model). ``model(x, adapter_names=rows)`` and ``model.generate(x, adapter_names=rows)`` call this."""
     _check_rows(model, rows)
     layers_of = {}  # adapter -> {module name: its LoraLinear}
-    for adapter in dict.fromkeys(rows):
-        if adapter != BASE_MODEL_ROW:
-            parts = dict(adapter_parts(model, adapter)[1])
-            for name, module in parts.items():
-                refuse_unsupported_layer(adapter, name, module)
-            layers_of[adapter] = parts
+    named = [adapter for adapter in dict.fromkeys(rows) if adapter != BASE_MODEL_ROW]
+    for adapter, (_, parts) in adapters_parts(model, named).items():
+        for name, module in parts:
+            refuse_unsupported_layer(adapter, name, module)
+        layers_of[adapter] = dict(parts)
     targets = list(dict.fromkeys(name for parts in layers_of.values() for name in parts))
     taken, swapped_in = take_out(model), []
     try:
@@ -170,5 +184,5 @@ def _generate(model: nn.Module, *args, adapter_names: list[str] | None = None, *
     beams = kwargs.get("num_beams")
     if isinstance(beams, int) and beams > 1 and isinstance(adapter_names, (list, tuple)):
         adapter_names = [name for name in adapter_names for _ in range(beams)]  # each row becomes `beams` rows, as PEFT
-    with mixed_batch(model, adapter_names):
+    with torch.no_grad(), mixed_batch(model, adapter_names):  # generate computes no gradient: neither do the stacks
         return generate(model, *args, **kwargs)

@@ -106,13 +106,16 @@ def _own_parameters(module: AdapterModule) -> list[nn.Parameter]:
 
 def follow_the_model(model: nn.Module, parts: list[tuple[str, AdapterModule]]) -> None:
     """Give a parked adapter's modules the device, and its own parameters the floating dtype, of the adapter in the
-    model: ``model.to(device)`` or ``model.to(torch.bfloat16)`` reached only the modules in the model."""
+    model: ``model.to(device)`` or ``model.to(torch.bfloat16)`` reached only the modules in the model. Modules already
+    there are left alone: a mixed batch calls this for every adapter it names, at every call."""
     device = next(model.parameters()).device
-    in_model = [param for module in adapter_modules(model).values() for param in _own_parameters(module)]
+    in_model = (param for module in adapter_modules(model).values() for param in _own_parameters(module))
     dtype = next((param.dtype for param in in_model if param.is_floating_point()), None)
     for _, module in parts:
-        module.to(device)
-        for param in _own_parameters(module):
+        own = _own_parameters(module)
+        if any(tensor.device != device for tensor in [*own, *module.buffers()]):
+            module.to(device)
+        for param in own:
             if dtype is not None and param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
 
@@ -120,11 +123,21 @@ def follow_the_model(model: nn.Module, parts: list[tuple[str, AdapterModule]]) -
 def adapter_parts(model: nn.Module, adapter_name: str) -> tuple[PeftConfig, list[tuple[str, AdapterModule]]]:
     """(config, modules) of adapter ``adapter_name``, active or parked; a parked one first follows the model's device
     and dtype, so that whoever computes with its modules finds them where the model is."""
-    if adapter_name == model.peft_edu_active_adapter:
-        return model.peft_edu_config, list(adapter_modules(model).items())
-    parked = model.peft_edu_parked[adapter_name]
-    follow_the_model(model, parked.parts)
-    return parked.config, parked.parts
+    return adapters_parts(model, [adapter_name])[adapter_name]
+
+
+def adapters_parts(model: nn.Module, adapter_names: list[str]) -> dict[str, tuple[PeftConfig, list]]:
+    """``adapter_parts`` of several adapters, the parked ones moved in one pass over the model."""
+    found, parked = {}, []
+    for name in adapter_names:
+        if name == model.peft_edu_active_adapter:
+            found[name] = (model.peft_edu_config, list(adapter_modules(model).items()))
+        else:
+            found[name] = (model.peft_edu_parked[name].config, model.peft_edu_parked[name].parts)
+            parked.extend(found[name][1])
+    if parked:
+        follow_the_model(model, parked)
+    return found
 
 
 def take_out(model: nn.Module) -> list[tuple[str, AdapterModule]]:

@@ -326,7 +326,7 @@ def test_a_pissa_niter_adapter_is_refused_at_load_with_the_conversion_advice(tmp
     ("Conv2d", {"target_modules": ["conv2d"], "init_lora_weights": "pissa"},
      r"init_lora_weights='pissa' is not supported for a Conv2d layer, only for Linear, Conv1D layers"),
     ("EmbConv1D", {"target_modules": ["emb"], "init_lora_weights": "olora"},
-     r"init_lora_weights='olora' is not supported for a Embedding layer, only for Linear layers"),
+     r"init_lora_weights='olora' is not supported for an Embedding layer, only for Linear layers"),
     ("EmbConv1D", {"target_modules": ["conv1d"], "r": 1, "init_lora_weights": "olora"},
      r"'olora' is not supported for a Conv1D layer"),
     ("MLP", {"target_modules": ["lin1"], "r": 4, "init_lora_weights": "pissa"},

@@ -14,7 +14,7 @@ import peft_edu
 from peft_edu.assets import load_causal_lm
 from peft_edu.mixed_batch import MixedBatchLora
 from parity import (assert_close, assert_same_report, assert_same_run, build_batch, build_tiny, forward,
-                    has_adapter_parts, trainable)
+                    has_adapter_parts, tiny_llama_for_4bit, trainable)
 
 pytestmark = [pytest.mark.usefixtures("one_thread_for_tiny_models"),
               # PEFT warns that SECOND's lora_bias cannot be merged into Llama's bias-free layers (none is merged)
@@ -160,7 +160,7 @@ def test_files_of_several_adapters_both_ways(tmp_path, active):
 
 
 # --- mixed-adapter batches ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("tokens", [8, 1])  # 1: the single-token path a generation step takes (every adapter, masked)
+@pytest.mark.parametrize("tokens", [8, 1])  # 1: the one token per row of a generation step
 def test_mixed_batch_forward_matches_peft(tokens):
     base, batch = build_tiny("llama"), build_batch("llama", batch=5)
     batch = {key: value[:, :tokens] for key, value in batch.items()}
@@ -186,12 +186,60 @@ def test_mixed_batch_uses_one_batched_product_per_factor(monkeypatch):
     base, batch = build_tiny("llama"), build_batch("llama", batch=4)
     ours, _ = two_adapters(base)
     calls = []
-    bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *args: calls.append(1) or bmm(*args))
+    bmm, baddbmm_ = torch.bmm, torch.Tensor.baddbmm_
+    monkeypatch.setattr(torch, "bmm", lambda *args: calls.append("A") or bmm(*args))
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", lambda *args: calls.append("B") or baddbmm_(*args))
     with torch.no_grad():
         ours(**inputs(batch), adapter_names=["second", "default", "second", "__base__"])
     adapted_layers = 2 * len({"q_proj", "v_proj", "k_proj", "down_proj"})  # 2 decoder layers
-    assert len(calls) == 2 * adapted_layers  # A then B, for all rows at once, whatever the number of adapters
+    assert calls == ["A", "B"] * adapted_layers  # A, then B added into W₀x, for all rows at once, whatever the adapters
+
+
+def test_mixed_batch_gradients_match_peft():
+    """The update is added into W₀x in place; autograd still gives the trainable (active) adapter PEFT's gradients."""
+    base, batch = build_tiny("llama"), build_batch("llama", batch=5)
+    ours, theirs = two_adapters(base)
+    rows = ["second", "__base__", "default", "second", "default"]
+    ours(**inputs(batch), adapter_names=rows).logits.square().mean().backward()
+    theirs(**inputs(batch), adapter_names=rows).logits.square().mean().backward()
+    grads = {name: param.grad for name, param in trainable(ours).items()}
+    expected = {name: param.grad for name, param in peft_names("default")(theirs).items()}
+    assert grads.keys() == expected.keys() and all(grad is not None for grad in grads.values())
+    for name, grad in grads.items():
+        assert_close(grad, expected[name])
+
+
+def test_mixed_batch_on_a_4bit_base_equals_each_adapter_alone():
+    """On peft_edu's NF4 layers (QLoRA) too, every row gets its own adapter's output, and backward runs."""
+    model = peft_edu.get_peft_model(peft_edu.quantize_model(tiny_llama_for_4bit()), peft_edu.LoraConfig(**FIRST))
+    peft_edu.add_adapter(model, "second", peft_edu.LoraConfig(**SECOND))
+    batch = inputs(build_batch("llama", batch=3))
+    mixed = model.eval()(**batch, adapter_names=ROWS).logits
+    mixed.square().mean().backward()
+    assert all(param.grad is not None for param in trainable(model).values())
+    with torch.no_grad():
+        for i, adapter in enumerate(ROWS):
+            alone = {k: v[i:i + 1] for k, v in batch.items()}
+            if adapter == "__base__":
+                with peft_edu.disable_adapter(model):
+                    assert_close(mixed[i:i + 1], model(**alone).logits)
+            else:
+                peft_edu.set_adapter(model, adapter)
+                assert_close(mixed[i:i + 1], model(**alone).logits)
+
+
+def test_mixed_batch_under_autocast_matches_peft():
+    """Under bfloat16 autocast W₀x is bfloat16 and the stacked factors float32: the update is cast, as PEFT casts it."""
+    base, batch = build_tiny("llama"), build_batch("llama", batch=5)
+    ours, theirs = two_adapters(base)
+    rows = ["second", "__base__", "default", "second", "default"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ours(**inputs(batch), adapter_names=rows).logits
+        expected = theirs(**inputs(batch), adapter_names=rows).logits
+        without = theirs(**inputs(batch)).logits  # every row on "default": the adapters' effect is far above bf16's
+    assert mixed.dtype == expected.dtype == torch.bfloat16
+    error, effect = (mixed - expected).abs().max(), (without - expected).abs().max()
+    assert error < 0.05 * effect, (error, effect)
 
 
 def test_mixed_batch_generate_matches_peft():
