@@ -53,7 +53,10 @@ with open("observations/q1-hidden.safetensors", "wb") as f:
     f.truncate(1 << 40)
 print("planted", sorted(os.listdir("observations")))
 """
-FORK_BOMB = """
+# The attacks that take time switch off their cell's alarm first (a hostile cell may): then the kernel's limits, not
+# the 4 s per cell, are what stops them, however loaded the machine; the notebook's own time limit still holds.
+NO_ALARM = "import signal; signal.setitimer(signal.ITIMER_REAL, 0)\n"
+FORK_BOMB = NO_ALARM + """
 import os, time
 children = 0
 try:
@@ -65,7 +68,7 @@ try:
 except OSError as error:
     print("fork refused after", children, "children:", type(error).__name__)
 """
-MEMORY_HOG = """
+MEMORY_HOG = NO_ALARM + """
 import subprocess, sys
 try:
     whole = bytearray(3 << 30)
