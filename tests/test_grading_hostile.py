@@ -410,13 +410,13 @@ def test_without_cgroups_the_limits_are_per_process_and_a_stubborn_notebook_is_s
     (folder / "stubborn.ipynb").write_text(hostile(STUBBORN))
     (folder / "fallback.ipynb").write_text(hostile(FALLBACK))
     before, host = _snapshot(folder), Host(Path("/tmp"), tmp_path, ROOT)
-    grade_folder(MASTER, folder, out, timeout_s=12, cell_timeout_s=3, limits=Limits(cgroups=False, processes=64))
+    grade_folder(MASTER, folder, out, timeout_s=20, cell_timeout_s=3, limits=Limits(cgroups=False, processes=64))
     host.assert_intact()
     assert _snapshot(folder) == before
     scores = _gradebook(out)
     assert scores == {"stubborn": NOTHING, "fallback": EARNS}
     stubborn, fallback = ((out / "feedback" / f"{n}.md").read_text() for n in ("stubborn", "fallback"))
-    assert "time limit of 12 s" in stubborn
+    assert "time limit of 20 s" in stubborn
     assert "no writable cgroup" in fallback and "RLIMIT_NPROC (64, 64)" in fallback
 
 
