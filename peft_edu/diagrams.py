@@ -83,7 +83,7 @@ METHODS: dict[str, Method] = {
                     "can be\na target. Merges: $W_0 + \\frac{\\alpha}{r}BA$.", ("W_q", "W_v")),)),
     "dora": Method(
         "DoRA", "2402.09353", "low-rank update", trained=("W_q", "W_v"),
-        relabel={"W_q": "$m\\cdot$dir$(W_q{+}BA)$", "W_v": "$m\\cdot$dir$(W_v{+}BA)$"},
+        relabel={"W_q": "$m$ dir$(W_q{+}sBA)$", "W_v": "$m$ dir$(W_v{+}sBA)$"},
         notes=(Note("$W' = m \\odot (W_0 + sBA)\\,/\\,\\|W_0 + sBA\\|$:\nthe direction comes from LoRA's "
                     "$W_0 + sBA$,\nthe magnitude $m$ is its own trained\nvector, one number per output "
                     "feature.\nOn the same layers as LoRA; merges.", ("W_q", "W_v")),)),

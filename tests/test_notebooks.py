@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 import re
 import subprocess
@@ -112,3 +114,56 @@ def test_grading_runs_only_the_setup_and_the_exercises(path):
             if "otter_ignore" not in c["metadata"].get("tags", []):
                 untagged.append(i)
     assert not untagged, f"cells {untagged} of {path.name} run during grading: tag them otter_ignore"
+
+
+HIDDEN = {"remove-cell", "remove-input"}  # tags whose code the book does not show
+
+
+def _module_level_names(tree: ast.Module) -> set[str]:
+    """Names a cell binds for the cells after it (not a function's locals or parameters)."""
+    bound = set()
+
+    def visit(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+            return  # their bodies bind locals
+        if isinstance(node, ast.Lambda) or isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return bound
+
+
+def _code(cell) -> ast.Module:
+    # IPython's magics and shell escapes are not Python
+    return ast.parse("\n".join(line for line in source(cell).splitlines() if not line.lstrip().startswith(("%", "!"))))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_shown_code_uses_no_name_that_only_a_hidden_cell_defines(path):
+    """A reader who runs the code the book shows (or unfolds) must not meet a NameError, or a value a hidden cell
+    silently replaced: every name a shown cell reads comes from a shown cell (or from Python itself)."""
+    shown, hidden_only, problems = set(dir(builtins)) | {"display", "get_ipython"}, set(), []
+    for i, cell in enumerate(cells(path)):
+        if cell["cell_type"] != "code":
+            continue
+        tree = _code(cell)
+        bound = _module_level_names(tree)
+        if HIDDEN & set(cell["metadata"].get("tags", [])):
+            hidden_only |= bound
+            shown -= bound
+            continue
+        everything_bound = bound | {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} \
+            | {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
+        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        if missing := sorted((read - everything_bound - shown) & hidden_only):
+            problems.append(f"cell {i} reads {missing}")
+        shown |= bound
+        hidden_only -= bound
+    assert not problems, f"{path.name}: shown code reads names that only hidden cells define: {problems}"

@@ -175,7 +175,7 @@ def _dora_forward_reference(q: dict, detach: bool = True) -> tuple[torch.Tensor,
 
 
 def _dora_forward_judge(q: dict, observed: dict) -> None:
-    """``dora_forward(x, W0, A, B, m, alpha, r)``: x W'ᵀ with W' the DoRA weight, the norm a constant in backward."""
+    """``dora_forward(x, W0, A, B, m, alpha, r)``: x W′ᵀ with W′ the DoRA weight, the norm a constant in backward."""
     _require_callable(observed, "dora_forward")
     got = _value_of(observed["call"], "dora_forward")
     want, grads = _dora_forward_reference(q)
@@ -220,7 +220,7 @@ def _dora_forward_judge(q: dict, observed: dict) -> None:
 
 check_dora_forward = Exercise(
     "function", _dora_forward_request, _dora_forward_probe, _dora_forward_judge,
-    doc="``dora_forward(x, W0, A, B, m, alpha, r)``: x W'ᵀ with W' the DoRA weight; the norm is a constant in backward.")
+    doc="``dora_forward(x, W0, A, B, m, alpha, r)``: x W′ᵀ with W′ the DoRA weight; the norm is a constant in backward.")
 
 
 # --- DoRA chapter: what detaching the norm drops from the gradient -----------------------------

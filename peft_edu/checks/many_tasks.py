@@ -166,7 +166,7 @@ def _linear_probe(linear_delta, request: dict) -> dict:
 
 
 def _linear_judge(request: dict, observed: dict) -> None:
-    """``linear_delta(As, Bs, scalings, weights)``: B'A' of PEFT's ``combination_type="linear"``."""
+    """``linear_delta(As, Bs, scalings, weights)``: B′A′ of PEFT's ``combination_type="linear"``."""
     _require_callable(observed, "linear_delta")
     for case, call in zip(request["cases"], observed["calls"]):
         As, Bs, s, w = (case[k] for k in _LINEAR_ARGS)
@@ -203,7 +203,7 @@ def _linear_judge(request: dict, observed: dict) -> None:
 
 check_linear_delta = Exercise(
     "function", _linear_request, _linear_probe, _linear_judge,
-    doc="``linear_delta(As, Bs, scalings, weights)``: B'A', A' = Σ sign(wᵢsᵢ)√|wᵢsᵢ| Aᵢ, B' = Σ √|wᵢsᵢ| Bᵢ.")
+    doc="``linear_delta(As, Bs, scalings, weights)``: B′A′, A′ = Σ sign(wᵢsᵢ)√|wᵢsᵢ| Aᵢ, B′ = Σ √|wᵢsᵢ| Bᵢ.")
 
 
 # --- Exercise 3: TIES' sign election -------------------------------------------------------------------------

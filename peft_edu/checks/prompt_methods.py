@@ -31,9 +31,11 @@ def _prefix_params_probe(prefix_param_count, request: dict) -> dict:
 
 
 def _prefix_params_judge(request: dict, observed: dict) -> None:
-    """``prefix_param_count(n, num_layers, hidden, projection_hidden=None)``: PEFT's trainable count of the prefix.
+    """``prefix_param_count(num_virtual_tokens, num_layers, hidden, projection_hidden=None)``: PEFT's trainable count
+    of the prefix.
 
-    Without the projection n·2·L·d; with it the embedding n·d, Linear(d, h) and Linear(h, 2·L·d), biases included.
+    With n = num_virtual_tokens: without the projection n·2·L·d; with it the embedding n·d, Linear(d, h) and
+    Linear(h, 2·L·d), biases included.
     """
     _require_callable(observed, "prefix_param_count")
     for (n, L, d, h), call in zip(request["cases"], observed["calls"]):
@@ -75,7 +77,8 @@ def _prefix_params_judge(request: dict, observed: dict) -> None:
 
 check_prefix_param_count = Exercise(
     "function", _prefix_params_request, _prefix_params_probe, _prefix_params_judge,
-    doc="``prefix_param_count(n, num_layers, hidden, projection_hidden=None)`` must be PEFT's trainable count of a prefix.")
+    doc="``prefix_param_count(num_virtual_tokens, num_layers, hidden, projection_hidden=None)`` must be PEFT's "
+        "trainable count of a prefix.")
 
 
 # --- Prompt-methods chapter: the attention mask with virtual tokens ------------------------------
