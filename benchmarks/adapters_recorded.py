@@ -12,6 +12,7 @@ chapter's (its CPU branch); change them in both places together.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -78,13 +79,14 @@ def main():
     import peft
     import transformers
     recording = {
-        "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
+        "command": "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
+                   + "python " + " ".join(sys.argv),
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
                     "load_average": list(os.getloadavg()), "device": device.type},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
-                     "adapters": adapters.__version__, "peft_edu": getattr(peft_edu, "__version__", "")},
+                     "adapters": adapters.__version__, "peft_edu": importlib.metadata.version("peft_edu")},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "settings": SETTINGS[task], "seeds": list(SEEDS), "runs": runs,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import inspect
 import json
 import re
 import subprocess
@@ -167,3 +168,36 @@ def test_shown_code_uses_no_name_that_only_a_hidden_cell_defines(path):
         shown |= bound
         hidden_only -= bound
     assert not problems, f"{path.name}: shown code reads names that only hidden cells define: {problems}"
+
+
+def _prompts(path) -> list[str]:
+    """Each graded question's markdown (between its BEGIN QUESTION and END QUESTION cells), in order."""
+    prompts, inside = [], None
+    for cell in cells(path):
+        text = source(cell)
+        if cell["cell_type"] == "raw" and text.startswith("# BEGIN QUESTION"):
+            inside = []
+        elif cell["cell_type"] == "raw" and text.startswith("# END QUESTION"):
+            prompts.append("\n".join(inside or []))
+            inside = None
+        elif inside is not None and cell["cell_type"] == "markdown":
+            inside.append(text)
+    return prompts
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_an_exercise_whose_check_judges_the_dtype_says_which(path):
+    """A check that rejects an answer in another dtype must be announced by its prompt: the public test runs one
+    dtype and the hidden ones others, so an answer with `.float()` would pass here and lose its points in grading."""
+    from peft_edu.checks import EXERCISES
+    from peft_edu.grading import questions_of
+
+    silent = []
+    for question, prompt in zip(questions_of(path), _prompts(path), strict=True):
+        judge = EXERCISES[question.check].judge
+        module, code = inspect.getmodule(judge), inspect.getsource(judge)
+        helpers = (getattr(module, name) for name in set(re.findall(r"\b(_\w+)\(", code)))
+        code += "".join(inspect.getsource(helper) for helper in helpers if inspect.isfunction(helper))
+        if ".dtype" in code and not re.search(r"dtype|float32|float64|torch\.bool", prompt):
+            silent.append(f"{question.name} ({question.check})")
+    assert not silent, f"{path.name}: these checks judge the answer's dtype, but the prompt never says which: {silent}"
