@@ -128,8 +128,8 @@ def _module_level_names(tree: ast.Module) -> set[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             bound.add(node.name)
             return  # their bodies bind locals
-        if isinstance(node, ast.Lambda) or isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
-            return
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            return  # their own scope too
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             bound.add(node.id)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -196,7 +196,7 @@ def test_an_exercise_whose_check_judges_the_dtype_says_which(path):
     for question, prompt in zip(questions_of(path), _prompts(path), strict=True):
         judge = EXERCISES[question.check].judge
         module, code = inspect.getmodule(judge), inspect.getsource(judge)
-        helpers = (getattr(module, name) for name in set(re.findall(r"\b(_\w+)\(", code)))
+        helpers = (getattr(module, name, None) for name in set(re.findall(r"\b(_\w+)\(", code)))
         code += "".join(inspect.getsource(helper) for helper in helpers if inspect.isfunction(helper))
         if ".dtype" in code and not re.search(r"dtype|float32|float64|torch\.bool", prompt):
             silent.append(f"{question.name} ({question.check})")
