@@ -70,9 +70,11 @@ TRANSFER_SEEDS = (0, 1, 2)
 
 
 def lora_variant(rank: int, rslora: bool):
-    """build(seed): LoRA at ``rank`` on the chapter's targets, alpha fixed, scaled by alpha/r or alpha/sqrt(r)."""
+    """build(seed, num_labels=2): LoRA at ``rank`` on the chapter's targets, alpha fixed, scaled by alpha/r or
+    alpha/sqrt(r)."""
     config = dict(choosing.LORA, r=rank, lora_alpha=ALPHA, use_rslora=rslora)
-    return lambda seed: peft_edu.get_peft_model(choosing._encoder(seed), peft_edu.LoraConfig(**config))
+    return lambda seed, num_labels=2: peft_edu.get_peft_model(choosing._encoder(seed, num_labels),
+                                                              peft_edu.LoraConfig(**config))
 
 
 def steps_of(settings: dict) -> int:
@@ -127,7 +129,8 @@ def transfer(seed: int, tokenizer, polarity, bbc, base: dict, device="cpu", quic
     if any(start in NEEDS_SOURCE for start in starts):
         trained = []   # run_one returns accuracies; the source model itself is needed too
         source = choosing.run_one("LoRA r=8", TRANSFER_RATES["LoRA"], seed, tokenizer, polarity, device, base,
-                                  build=lambda s: trained.append(choosing.METHODS["LoRA r=8"][0](s)) or trained[-1])
+                                  build=lambda s, n: trained.append(choosing.METHODS["LoRA r=8"][0](s, n))
+                                  or trained[-1])
         adapter = {name: p.detach().clone() for name, p in trained[0].named_parameters() if "lora_" in name}
         adapted_encoder = peft_edu.merge_and_unload(trained[0]).bert.state_dict()
     settings = QUICK_TRANSFER_SETTINGS if quick else TRANSFER_SETTINGS

@@ -2,8 +2,10 @@
 
 The task is the LoRA chapter's CPU run (notebooks/lora.ipynb): MiniLM classifying polarity sentences, the first 960
 training sentences, batch 16, at most 32 tokens, one epoch (60 steps), the learning rate decaying linearly to zero.
-Every method trains that budget. One learning rate for all would favour some methods (a soft prompt trains at a rate
-hundreds of times full fine-tuning's), so each method gets its own, chosen on the validation split:
+Every method trains that budget. ``--task bbc`` trains the same budget on BBC News (5 topics; at most 48 tokens, as
+the adapters chapter's BBC runs: the title and the first sentence or two). One learning rate for all would favour
+some methods (a soft prompt trains at a rate hundreds of times full fine-tuning's), so each method gets its own,
+chosen on the validation split:
 
 1. seed 0 at three rates a factor 3 apart, around the rate the method's chapter uses (``grid``); every run records its
    validation and its test accuracy;
@@ -14,6 +16,7 @@ The test split is never looked at to choose. The chapter imports this module to 
 code (``SETTINGS``, ``METHODS``, ``grid``, ``run_one``, ``choose``) and reads the recording for its table.
 
     OMP_NUM_THREADS=1 python benchmarks/choosing_recorded.py --jobs 2 --out benchmarks/results/choosing_polarity_cpu
+    OMP_NUM_THREADS=1 python benchmarks/choosing_recorded.py --task bbc --jobs 2 --out benchmarks/results/choosing_bbc_cpu
     python benchmarks/choosing_recorded.py --quick --out /tmp/choosing_quick     # 2 methods, 2 steps (the test)
 
 ``--jobs N`` trains N runs at once in worker processes, one torch thread each (``--jobs 1``: in this process, one
@@ -36,7 +39,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 import torch
 
 import peft_edu
-from peft_edu.assets import load_encoder, load_polarity
+from peft_edu.assets import load_bbc_news, load_encoder, load_polarity
 from peft_edu.training import classification_loaders, evaluate_accuracy, set_seed, train
 
 # The LoRA chapter's CPU budget: 960 / 16 = 60 optimizer steps. The validation and test splits are used whole (400
@@ -44,25 +47,30 @@ from peft_edu.training import classification_loaders, evaluate_accuracy, set_see
 SETTINGS = {"train examples": 960, "evaluation examples": None, "batch size": 16, "max length": 32, "epochs": 1,
             "lr schedule": "linear", "seeds": [0, 1, 2]}
 # --quick: a smoke run of the whole pipeline (2 steps), for the test; its accuracies mean nothing.
-QUICK_SETTINGS = dict(SETTINGS, **{"train examples": 32, "evaluation examples": 32, "max length": 16})
+QUICK_OVERRIDES = {"train examples": 32, "evaluation examples": 32, "max length": 16}
+QUICK_SETTINGS = dict(SETTINGS, **QUICK_OVERRIDES)
 QUICK_METHODS = ("LoRA r=8", "prompt tuning")
+# --task: (title, loader, settings). BBC articles are longer than polarity's sentences: 48 tokens hold the title and
+# the lead, which name the topic; everything else is polarity's budget, so the two tables compare.
+TASKS = {"polarity": ("polarity", load_polarity, SETTINGS),
+         "bbc": ("BBC News", load_bbc_news, dict(SETTINGS, **{"max length": 48}))}
 SELECTION_SEED = 0  # the seed of the grid runs; the others train only at the chosen rate
 GRID_FACTOR = 3
 
 
-# --- the methods: name -> (build(seed) -> a model ready to train, the centre of its learning-rate grid) ---------------
-def _encoder(seed: int):
+# --- the methods: name -> (build(seed, num_labels) -> a model ready to train, the centre of its learning-rate grid) ---
+def _encoder(seed: int, num_labels: int = 2):
     set_seed(seed)  # the seed draws the new classifier head (and the method's random initial weights, below)
-    return load_encoder(num_labels=2)[1]
+    return load_encoder(num_labels=num_labels)[1]
 
 
 def _peft(config_factory):
     """A build function: the encoder with the method ``config_factory()`` injected; task_type SEQ_CLS trains the head."""
-    return lambda seed: peft_edu.get_peft_model(_encoder(seed), config_factory())
+    return lambda seed, num_labels=2: peft_edu.get_peft_model(_encoder(seed, num_labels), config_factory())
 
 
-def _head_only(seed: int):
-    model = _encoder(seed)
+def _head_only(seed: int, num_labels: int = 2):
+    model = _encoder(seed, num_labels)
     model.requires_grad_(False)
     model.classifier.requires_grad_(True)
     return model
@@ -102,17 +110,19 @@ def grid(name: str) -> list[float]:
 
 
 # --- one run ---------------------------------------------------------------------------------------------------------
-def load_data():
-    """(tokenizer, polarity): what every run reads."""
-    return load_encoder(num_labels=2)[0], load_polarity()
+def load_data(task: str = "polarity"):
+    """(tokenizer, the task's dataset): what every run reads."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; the tasks are: {', '.join(TASKS)}")
+    return load_encoder()[0], TASKS[task][1]()
 
 
 def run_one(name: str, lr: float, seed: int, tokenizer=None, data=None, device="cpu", settings=SETTINGS,
             build=None) -> dict:
     """Train method ``name`` at rate ``lr`` with ``seed`` as the chapter does; its validation and test accuracy.
 
-    ``build(seed) -> model``: a variant that is not one of ``METHODS`` (benchmarks/challenges_recorded.py), which
-    ``name`` then only labels.
+    ``build(seed, num_labels) -> model``: a variant that is not one of ``METHODS`` (benchmarks/challenges_recorded.py),
+    which ``name`` then only labels. The head has as many outputs as ``data`` has labels.
     """
     if build is None and name not in METHODS:
         raise ValueError(f"unknown method {name!r}; the methods are: {', '.join(METHODS)}")
@@ -126,7 +136,7 @@ def run_one(name: str, lr: float, seed: int, tokenizer=None, data=None, device="
     # fresh loaders per run: with one seed every method and rate sees the same sentences in the same order
     loaders = classification_loaders(tokenizer, data, batch_size=settings["batch size"],
                                      max_length=settings["max length"], seed=seed, limit=limit)
-    model = build(seed)
+    model = build(seed, data["train"].features["label"].num_classes)
     n_trainable, n_all = peft_edu.count_parameters(model)
     history = train(model, loaders["train"], epochs=settings["epochs"], lr=lr, lr_schedule=settings["lr schedule"],
                     device=device, seed=seed, print_summary=False, progress=False)
@@ -159,9 +169,9 @@ def choose(runs: list[dict]) -> dict[str, float]:
 _worker_inputs: dict = {}  # a worker's tokenizer, data and settings, loaded once per process
 
 
-def _start_worker(settings: dict) -> None:
+def _start_worker(settings: dict, task: str) -> None:
     torch.set_num_threads(1)  # N workers share the cores: one thread each, no oversubscription
-    tokenizer, data = load_data()
+    tokenizer, data = load_data(task)
     _worker_inputs.update(tokenizer=tokenizer, data=data, settings=settings)
 
 
@@ -173,8 +183,8 @@ def _run_in_worker(name: str, lr: float, seed: int) -> dict:
 class _InThisProcess:
     """``--jobs 1``: the runs one after another in this process, as a pool of one would (minus the worker's start-up)."""
 
-    def __init__(self, settings: dict):
-        _start_worker(settings)
+    def __init__(self, settings: dict, task: str):
+        _start_worker(settings, task)
 
     def __enter__(self):
         return self
@@ -188,7 +198,8 @@ class _InThisProcess:
         return future
 
 
-def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = ()) -> tuple[list[dict], dict[str, float]]:
+def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = (),
+          task: str = "polarity") -> tuple[list[dict], dict[str, float]]:
     """Every grid run at the selection seed, then the other seeds at each method's chosen rate: (runs, chosen).
 
     ``done``: runs of an interrupted sweep (``--resume``), kept and not trained again.
@@ -200,8 +211,8 @@ def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = ()) ->
     def missing(name, rates, seeds):
         return [(name, lr, seed) for lr in rates for seed in seeds if (name, lr, seed) not in have]
     context = multiprocessing.get_context("spawn")  # forking a process whose OpenMP threads have started can hang
-    executor = _InThisProcess(settings) if jobs == 1 else ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(settings,))
+    executor = _InThisProcess(settings, task) if jobs == 1 else ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(settings, task))
     with executor as pool:
         todo = [job for name in names for job in missing(name, grid(name), [SELECTION_SEED])]
         for name in names:   # a method whose grid an interrupted sweep finished: its other seeds
@@ -263,11 +274,11 @@ def summary(runs: list[dict], chosen: dict[str, float]) -> list[dict]:
 
 def markdown(recording: dict) -> str:
     settings, machine = recording["settings"], recording["machine"]
-    lines = ["# Choosing a method, recorded sweep: polarity on MiniLM", "",
+    lines = [f"# Choosing a method, recorded sweep: {TASKS[recording.get('task', 'polarity')][0]} on MiniLM", "",
              f"`{recording['command']}`, {recording['date']}; {machine['cpu']}, {machine['cpu_cores']} cores, "
              f"{machine['jobs']} run(s) at once with 1 torch thread each, {machine['wall_time_s'] / 60:.1f} min in all; "
              + ", ".join(f"{k} {v}" for k, v in recording["versions"].items()) + ".", "",
-             f"Every method: the first {settings['train examples']} training sentences, batch {settings['batch size']}, "
+             f"Every method: the first {settings['train examples']} training examples, batch {settings['batch size']}, "
              f"at most {settings['max length']} tokens, {settings['epochs']} epoch(s), learning-rate schedule "
              f"\"{settings['lr schedule']}\" (train's: linear decays to zero). The rate is chosen on validation accuracy (seed {SELECTION_SEED}; grid: "
              "centre / 3, centre, centre × 3; a tie goes to the smaller rate). Test accuracy: mean ± sd (n − 1) over "
@@ -294,6 +305,8 @@ def markdown(recording: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=tuple(TASKS), default="polarity",
+                        help="polarity (the default) or BBC News; the same step budget")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated method names (default: all): {', '.join(METHODS)}")
     parser.add_argument("--jobs", type=int, default=None, help="runs trained at once (default 2; 1 with --quick)")
@@ -321,14 +334,14 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     os.environ.setdefault("PEFT_EDU_PROGRESS", "0")  # the workers inherit it
-    settings = QUICK_SETTINGS if args.quick else SETTINGS
+    settings = dict(TASKS[args.task][2], **(QUICK_OVERRIDES if args.quick else {}))
     load_start, start = list(os.getloadavg()), time.perf_counter()
     done = []
     if args.resume:   # the JSON lines an interrupted sweep printed
         with open(args.resume) as log:
             done = [json.loads(line) for line in log if line.startswith("{")]
         print(f"resuming: {len(done)} runs of {args.resume} are kept", flush=True)
-    runs, chosen = sweep(args.methods, settings, args.jobs, done)
+    runs, chosen = sweep(args.methods, settings, args.jobs, done, args.task)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from harness import cpu_name  # same folder
 
@@ -339,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "wall_time_s": time.perf_counter() - start, "device": "cpu"},
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "task": args.task,
         "settings": dict(settings, quick=args.quick, selection_seed=SELECTION_SEED, grid_factor=GRID_FACTOR),
         "grid": {name: grid(name) for name in args.methods},
         "chosen": chosen,

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import peft_edu
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import choosing_recorded  # noqa: E402 (benchmarks/ is not a package)
@@ -97,6 +99,31 @@ def test_quick_sweep_records_every_grid_run_and_chooses_by_validation(tmp_path, 
     assert all(f"| {method} |" in report for method in methods)
 
 
+@pytest.mark.slow  # trains MiniLM: 5 runs of 2 steps
+def test_the_bbc_sweep_trains_a_five_way_head_on_bbc_news_at_its_own_length(tmp_path, restore_threads):
+    choosing_recorded.main(["--task", "bbc", "--quick", "--methods", "LoRA r=8", "--out", str(tmp_path / "bbc")])
+    recording = json.loads((tmp_path / "bbc.json").read_text())
+    assert recording["task"] == "bbc" and recording["settings"]["quick"] is True
+    assert recording["settings"]["max length"] == choosing_recorded.QUICK_OVERRIDES["max length"]
+    lora = choosing_recorded.METHODS["LoRA r=8"][0]
+    two_way, five_way = (peft_edu.count_parameters(lora(0, n))[0] for n in (2, 5))
+    hidden = 384  # MiniLM's classifier: hidden -> num_labels, with a bias
+    assert five_way - two_way == 3 * (hidden + 1)
+    assert {run["trainable parameters"] for run in recording["runs"]} == {five_way}
+    assert (tmp_path / "bbc.md").read_text().startswith("# Choosing a method, recorded sweep: BBC News on MiniLM")
+    # the full BBC settings differ from polarity's only in the length, which BBC's longer texts need
+    bbc, polarity = choosing_recorded.TASKS["bbc"][2], choosing_recorded.TASKS["polarity"][2]
+    assert {k for k in polarity if bbc[k] != polarity[k]} == {"max length"} and bbc["max length"] == 48
+
+
+def test_an_unknown_task_is_an_error_naming_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        choosing_recorded.parse_args(["--task", "imdb", "--out", "x"])
+    assert "imdb" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown task 'imdb'; the tasks are: polarity, bbc"):
+        choosing_recorded.load_data("imdb")
+
+
 def test_a_resumed_sweep_trains_only_the_runs_it_lacks(monkeypatch):
     """--resume: the runs an interrupted sweep printed are kept; a finished grid's missing seeds run at its chosen
     rate, an unfinished grid's missing rates run, and nothing that is there runs again."""
@@ -106,7 +133,7 @@ def test_a_resumed_sweep_trains_only_the_runs_it_lacks(monkeypatch):
         trained.append((name, lr, seed))
         return {**grid_run(name, lr, 0.6, seed), "test accuracy": 0.6}
 
-    monkeypatch.setattr(choosing_recorded, "_start_worker", lambda settings: None)
+    monkeypatch.setattr(choosing_recorded, "_start_worker", lambda settings, task: None)
     monkeypatch.setattr(choosing_recorded, "_run_in_worker", fake_run)
     lora, prompt = choosing_recorded.grid("LoRA r=8"), choosing_recorded.grid("prompt tuning")
     done = [grid_run("LoRA r=8", lr, v) for lr, v in zip(lora, (0.7, 0.8, 0.5))] + [grid_run("LoRA r=8", lora[1], 0.75, 1)]
