@@ -183,8 +183,8 @@ def _run_in_worker(name: str, lr: float, seed: int) -> dict:
 class _InThisProcess:
     """``--jobs 1``: the runs one after another in this process, as a pool of one would (minus the worker's start-up)."""
 
-    def __init__(self, settings: dict, task: str):
-        _start_worker(settings, task)
+    def __init__(self, start_worker, settings: dict, task: str):
+        start_worker(settings, task)
 
     def __enter__(self):
         return self
@@ -198,12 +198,16 @@ class _InThisProcess:
         return future
 
 
-def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = (),
-          task: str = "polarity") -> tuple[list[dict], dict[str, float]]:
+def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = (), task: str = "polarity",
+          runner=None) -> tuple[list[dict], dict[str, float]]:
     """Every grid run at the selection seed, then the other seeds at each method's chosen rate: (runs, chosen).
 
-    ``done``: runs of an interrupted sweep (``--resume``), kept and not trained again.
+    ``done``: runs of an interrupted sweep (``--resume``), kept and not trained again. ``runner``: the module whose
+    ``METHODS``, ``grid``, ``_start_worker(settings, task)`` and ``_run_in_worker(name, lr, seed)`` are swept (default:
+    this one; benchmarks/decoder_recorded.py sweeps its own).
     """
+    runner = runner or sys.modules[__name__]
+    grid, start_worker, run_in_worker = runner.grid, runner._start_worker, runner._run_in_worker
     other_seeds = [seed for seed in settings["seeds"] if seed != SELECTION_SEED]
     runs: list[dict] = [run for run in done if run["method"] in names]
     have = {(run["method"], run["learning rate"], run["seed"]) for run in runs}
@@ -211,15 +215,15 @@ def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = (),
     def missing(name, rates, seeds):
         return [(name, lr, seed) for lr in rates for seed in seeds if (name, lr, seed) not in have]
     context = multiprocessing.get_context("spawn")  # forking a process whose OpenMP threads have started can hang
-    executor = _InThisProcess(settings, task) if jobs == 1 else ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(settings, task))
+    executor = _InThisProcess(start_worker, settings, task) if jobs == 1 else ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=start_worker, initargs=(settings, task))
     with executor as pool:
         todo = [job for name in names for job in missing(name, grid(name), [SELECTION_SEED])]
         for name in names:   # a method whose grid an interrupted sweep finished: its other seeds
             grid_runs = [r for r in runs if r["method"] == name and r["seed"] == SELECTION_SEED]
             if len(grid_runs) == len(grid(name)):
                 todo += missing(name, [choose(grid_runs)[name]], other_seeds)
-        pending = {pool.submit(_run_in_worker, *job) for job in todo}
+        pending = {pool.submit(run_in_worker, *job) for job in todo}
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -231,12 +235,12 @@ def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = (),
                     grid_runs = [r for r in runs if r["method"] == name and r["seed"] == SELECTION_SEED]
                     if run["seed"] == SELECTION_SEED and len(grid_runs) == len(grid(name)):
                         rate = choose(grid_runs)[name]
-                        pending |= {pool.submit(_run_in_worker, name, rate, seed) for seed in other_seeds}
+                        pending |= {pool.submit(run_in_worker, name, rate, seed) for seed in other_seeds}
         except BaseException:
             for future in pending:  # a failed run (or Ctrl-C) ends the sweep: the queued runs are not trained
                 future.cancel()
             raise
-    order = {name: i for i, name in enumerate(METHODS)}
+    order = {name: i for i, name in enumerate(runner.METHODS)}
     runs.sort(key=lambda r: (order[r["method"]], r["learning rate"], r["seed"]))  # completion order varies
     return runs, choose(runs)
 
@@ -252,7 +256,7 @@ def versions() -> dict:
     return {"python": platform.python_version(), **installed}
 
 
-def summary(runs: list[dict], chosen: dict[str, float]) -> list[dict]:
+def summary(runs: list[dict], chosen: dict[str, float], grid=grid) -> list[dict]:
     """Per method: the chosen rate, the test accuracy over seeds at it, the grid's validation accuracies."""
     rows = []
     for name, rate in chosen.items():
