@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import choosing_recorded as choosing  # noqa: E402 (same folder; benchmarks/ is not a package)
-from harness import cpu_name  # noqa: E402
+from harness import cpu_name, write_report  # noqa: E402
 
 import peft_edu  # noqa: E402
 
@@ -390,12 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
     }
     recording["summary"] = summarise(runs)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(recording, f, indent=1, ensure_ascii=False)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(recording))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    write_report(args.out + ".md", markdown(recording).rstrip("\n"), recording)   # and args.out + ".json"
     return recording
 
 

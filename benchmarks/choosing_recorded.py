@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resuming: {len(done)} runs of {args.resume} are kept", flush=True)
     runs, chosen = sweep(args.methods, settings, args.jobs, done, args.task)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from harness import cpu_name  # same folder
+    from harness import cpu_name, write_report  # same folder
 
     recording = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/choosing_recorded.py " + " ".join(argv),
@@ -363,12 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
     }
     recording["summary"] = summary(runs, chosen)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(recording, f, indent=1, ensure_ascii=False)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(recording))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    write_report(args.out + ".md", markdown(recording).rstrip("\n"), recording)   # and args.out + ".json"
     return recording
 
 

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from choosing_recorded import versions  # same folder
-    from harness import cpu_name
+    from harness import cpu_name, write_report
 
     shape = QUICK_BATCH if args.quick else BATCH
     names = QUICK_METHODS if args.quick else tuple(METHODS)
@@ -181,12 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "base inference FLOP": _inference_flops(base, {k: v for k, v in batch.items() if k != "labels"}),
         "methods": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(recording, f, indent=1, ensure_ascii=False)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(recording))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    write_report(args.out + ".md", markdown(recording).rstrip("\n"), recording)   # and args.out + ".json"
     return recording
 
 

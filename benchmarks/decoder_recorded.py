@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resuming: {len(done)} runs of {args.resume} are kept", flush=True)
     runs, chosen = choosing.sweep(names, settings, jobs, done, task="qa", runner=sys.modules[__name__])
     tokenizer, base, data = load_data(settings)
-    from harness import cpu_name
+    from harness import cpu_name, write_report
 
     recording = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/decoder_recorded.py " + " ".join(argv),
@@ -232,12 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         "untrained": untrained(tokenizer, base, data, settings),
     }
     recording["summary"] = choosing.summary(runs, chosen, grid)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(recording, f, indent=1, ensure_ascii=False)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(recording))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    write_report(args.out + ".md", markdown(recording).rstrip("\n"), recording)   # and args.out + ".json"
     return recording
 
 
