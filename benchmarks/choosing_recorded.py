@@ -198,6 +198,31 @@ class _InThisProcess:
         return future
 
 
+def load_done(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """The runs to keep when a sweep resumes, from the JSON lines an interrupted sweep printed or a finished
+    recording's .json (its "runs"), so that a grid can be extended without training its old rates again. Several
+    files may be given; a run (method, rate, seed) found twice is kept once, from the first file.
+
+    Returns (runs, sources): per file its path and the runs kept from it, and for a recording its date, wall time
+    and own sources, so that a recording made in parts says where each part came from."""
+    done, seen, sources = [], set(), []
+    for path in paths:
+        with open(path) as file:
+            text = file.read()
+        recording = json.loads(text) if path.endswith(".json") else None
+        runs = recording["runs"] if recording else [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        new = [run for run in runs if (run["method"], run["learning rate"], run["seed"]) not in seen]
+        seen |= {(run["method"], run["learning rate"], run["seed"]) for run in new}
+        done += new
+        source = {"path": path, "runs kept": len(new)}
+        if recording:
+            source.update(date=recording["date"], wall_time_s=recording["machine"]["wall_time_s"],
+                          sources=recording["machine"].get("resumed from", []))
+        sources.append(source)
+        print(f"resuming: {len(new)} runs of {path} are kept ({len(runs) - len(new)} already kept)", flush=True)
+    return done, sources
+
+
 def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = (), task: str = "polarity",
           runner=None) -> tuple[list[dict], dict[str, float]]:
     """Every grid run at the selection seed, then the other seeds at each method's chosen rate: (runs, chosen).
@@ -234,8 +259,8 @@ def sweep(names: list[str], settings: dict, jobs: int, done: list[dict] = (), ta
                     name = run["method"]
                     grid_runs = [r for r in runs if r["method"] == name and r["seed"] == SELECTION_SEED]
                     if run["seed"] == SELECTION_SEED and len(grid_runs) == len(grid(name)):
-                        rate = choose(grid_runs)[name]
-                        pending |= {pool.submit(run_in_worker, name, rate, seed) for seed in other_seeds}
+                        rate = choose(grid_runs)[name]   # its other seeds may be there already (an extended grid)
+                        pending |= {pool.submit(run_in_worker, *job) for job in missing(name, [rate], other_seeds)}
         except BaseException:
             for future in pending:  # a failed run (or Ctrl-C) ends the sweep: the queued runs are not trained
                 future.cancel()
@@ -317,8 +342,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {', '.join(QUICK_METHODS)}, 2 steps, "
                         "32 validation and test sentences")
     parser.add_argument("--out", required=True, help="path without extension: writes .json and .md")
-    parser.add_argument("--resume", metavar="LOG", help="the printed output of an interrupted sweep: its runs are "
-                        "kept, not trained again")
+    parser.add_argument("--resume", metavar="LOG", action="append", help="the printed output of an interrupted "
+                        "sweep, or a recording's .json: its runs are kept, not trained again (may be repeated)")
     args = parser.parse_args(argv)
     if args.methods is None:
         args.methods = list(QUICK_METHODS if args.quick else METHODS)
@@ -340,11 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("PEFT_EDU_PROGRESS", "0")  # the workers inherit it
     settings = dict(TASKS[args.task][2], **(QUICK_OVERRIDES if args.quick else {}))
     load_start, start = list(os.getloadavg()), time.perf_counter()
-    done = []
-    if args.resume:   # the JSON lines an interrupted sweep printed
-        with open(args.resume) as log:
-            done = [json.loads(line) for line in log if line.startswith("{")]
-        print(f"resuming: {len(done)} runs of {args.resume} are kept", flush=True)
+    done, _ = load_done(args.resume) if args.resume else ([], [])
     runs, chosen = sweep(args.methods, settings, args.jobs, done, args.task)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from harness import cpu_name, write_report  # same folder

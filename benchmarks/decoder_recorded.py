@@ -15,7 +15,10 @@ pairs, and the table reports 48 test pairs; the same sweep code runs it (``choos
 of the grids are guesses, not rates a chapter tuned: prompt tuning's is the prompt methods chapter's SmolLM2 rate
 (3e-2); the others are the encoder sweep's centres, a factor 3 lower for a model six times the size, except full
 fine-tuning's (3e-5, the usual order for a causal LM of this size). A chosen rate at the edge of its grid says that
-a rate outside it may be better.
+a rate outside it may be better. The first sweep (2026-12-04 03:21 UTC) chose seven rates at an edge, so each of
+those grids got one more rate, a factor 3 beyond that edge (``EXTENDED``), and the sweep ran again with ``--resume``
+on the first one's runs: the three rates it had tried are kept, and a method whose best rate moved to the new one
+gets its other seeds there.
 
     OMP_NUM_THREADS=1 python benchmarks/decoder_recorded.py --jobs 2 --out benchmarks/results/decoder_qa_cpu
     python benchmarks/decoder_recorded.py --quick --out /tmp/decoder_quick   # 2 methods, 2 steps (the test)
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -52,10 +54,21 @@ CENTRES = {"full fine-tuning": 3e-5, "LoRA r=8": 2e-3, "rsLoRA r=64": 4e-4, "DoR
 METHODS = {name: (make_config, CENTRES[name]) for name, make_config in decoder_costs.METHODS.items()}
 
 
+# The methods whose first sweep chose a rate at an edge of the three-rate grid, and that edge: +1 the top, -1 the bottom
+EXTENDED = {"full fine-tuning": +1, "LoRA r=8": +1, "DoRA r=8": +1, "Houlsby": +1, "parallel": -1, "P-tuning v2": +1,
+            "mix-and-match": -1}
+
+
 def grid(name: str) -> list[float]:
-    """The rates tried for ``name``: its centre / 3, the centre, the centre * 3."""
-    centre = METHODS[name][1]
-    return [centre / choosing.GRID_FACTOR, centre, centre * choosing.GRID_FACTOR]
+    """The rates tried for ``name``, in increasing order: its centre / 3, the centre, the centre * 3, and for the
+    methods in ``EXTENDED`` one more rate a factor 3 beyond the edge that the first sweep chose."""
+    centre, factor = METHODS[name][1], choosing.GRID_FACTOR
+    rates = [centre / factor, centre, centre * factor]
+    if EXTENDED.get(name) == +1:
+        rates.append(rates[-1] * factor)
+    elif EXTENDED.get(name) == -1:
+        rates.insert(0, rates[0] / factor)
+    return rates
 
 
 # --- data ------------------------------------------------------------------------------------------------------------
@@ -159,12 +172,22 @@ def _run_in_worker(name: str, lr: float, seed: int) -> dict:
     return run_one(name, lr, seed, _worker["tokenizer"], _worker["base"], _worker["data"], "cpu", _worker["settings"])
 
 
+def describe_source(source: dict) -> str:
+    """One resumed file: its runs kept, and for a recording its date and time (and its own parts)."""
+    text = f"{source['runs kept']} from `{source['path']}`"
+    if "date" in source:
+        text += f" (recorded {source['date']}, {source['wall_time_s'] / 60:.1f} min"
+        text += ", itself from " + ", ".join(map(describe_source, source["sources"])) + ")" if source["sources"] else ")"
+    return text
+
+
 def markdown(recording: dict) -> str:
     settings, machine = recording["settings"], recording["machine"]
     floor = recording["untrained"]["test"]
     lines = ["# Choosing a method on a decoder, recorded sweep: SmolLM2 on the question-answer pairs", "",
              f"`{recording['command']}`, {recording['date']}; {machine['cpu']}, {machine['cpu_cores']} cores, "
-             f"{machine['jobs']} run(s) at once with 1 torch thread each, {machine['wall_time_s'] / 60:.1f} min in all; "
+             f"{machine['jobs']} run(s) at once with 1 torch thread each, {machine['wall_time_s'] / 60:.1f} min"
+             + (" for the runs this part trained" if machine.get("resumed from") else " in all") + "; "
              + ", ".join(f"{k} {v}" for k, v in recording["versions"].items()) + ".", "",
              f"Every method: the same {settings['train examples']} training pairs, batch {settings['batch size']}, at "
              f"most {settings['max length']} tokens, {settings['epochs']} epoch(s), rate schedule "
@@ -174,6 +197,9 @@ def markdown(recording: dict) -> str:
              f"untrained: test accuracy {floor['accuracy']:.3f}, loss {floor['loss']:.3f}.", "",
              "| method | trainable parameters | chosen rate | test accuracy | test loss | validation accuracy per "
              "rate (seed 0) |", "|---|---:|---:|---|---|---|"]
+    if machine.get("resumed from"):   # a recording made in parts: where the runs it did not train came from
+        lines[4:4] = ["Recorded in parts; the runs kept from earlier parts: " + "; ".join(
+            describe_source(source) for source in machine["resumed from"]) + ".", ""]
     runs = recording["runs"]
     for row in recording["summary"]:
         losses = [r["test loss"] for r in runs if r["method"] == row["method"] and r["learning rate"] == row["chosen rate"]]
@@ -199,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=None, help="runs trained at once (default 2; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {', '.join(QUICK_METHODS)}, 2 steps")
     parser.add_argument("--out", required=True, help="path without extension: writes .json and .md")
-    parser.add_argument("--resume", metavar="LOG", help="the printed output of an interrupted sweep")
+    parser.add_argument("--resume", metavar="LOG", action="append", help="the printed output of an interrupted "
+                        "sweep, or a recording's .json: its runs are kept (may be repeated)")
     args = parser.parse_args(argv)
     names = list(QUICK_METHODS if args.quick else METHODS) if args.methods is None else \
         [name.strip() for name in args.methods.split(",") if name.strip()]
@@ -212,11 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("PEFT_EDU_PROGRESS", "0")
     settings = QUICK_SETTINGS if args.quick else SETTINGS
     start = time.perf_counter()
-    done = []
-    if args.resume:
-        with open(args.resume) as log:
-            done = [json.loads(line) for line in log if line.startswith("{")]
-        print(f"resuming: {len(done)} runs of {args.resume} are kept", flush=True)
+    done, resumed_from = choosing.load_done(args.resume) if args.resume else ([], [])
     runs, chosen = choosing.sweep(names, settings, jobs, done, task="qa", runner=sys.modules[__name__])
     tokenizer, base, data = load_data(settings)
     from harness import cpu_name, write_report
@@ -224,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     recording = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/decoder_recorded.py " + " ".join(argv),
         "machine": {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "jobs": jobs, "torch_threads_per_job": 1,
-                    "wall_time_s": time.perf_counter() - start, "device": "cpu"},
+                    "wall_time_s": time.perf_counter() - start, "device": "cpu", "resumed from": resumed_from},
         "versions": choosing.versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "settings": dict(settings, quick=args.quick, selection_seed=choosing.SELECTION_SEED,
                          grid_factor=choosing.GRID_FACTOR),

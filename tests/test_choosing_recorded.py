@@ -143,3 +143,32 @@ def test_a_resumed_sweep_trains_only_the_runs_it_lacks(monkeypatch):
                                       ("prompt tuning", prompt[1], 1), ("prompt tuning", prompt[1], 2)])
     assert chosen == {"LoRA r=8": lora[1], "prompt tuning": prompt[1]}   # 0.6, 0.6 over 0.55: the smaller of the tie
     assert len(runs) == len(done) + len(trained)
+
+
+def test_a_grid_finished_by_the_resumed_sweep_keeps_the_seeds_it_has_at_the_chosen_rate(monkeypatch):
+    """An extended grid: the first sweep's rates and the other seeds at its choice are there, one new rate is not.
+    The new rate runs; when the old choice still wins, its seeds are not trained again (they were, once: a bug)."""
+    trained = []
+
+    def fake_run(name, lr, seed):
+        trained.append((name, lr, seed))
+        return {**grid_run(name, lr, 0.5, seed), "test accuracy": 0.5}
+
+    monkeypatch.setattr(choosing_recorded, "_start_worker", lambda settings, task: None)
+    monkeypatch.setattr(choosing_recorded, "_run_in_worker", fake_run)
+    lora = choosing_recorded.grid("LoRA r=8")
+    done = [grid_run("LoRA r=8", lr, v) for lr, v in zip(lora[:2], (0.7, 0.8))]
+    done += [grid_run("LoRA r=8", lora[1], 0.75, seed) for seed in (1, 2)]
+    runs, chosen = choosing_recorded.sweep(["LoRA r=8"], choosing_recorded.SETTINGS, 1, done)
+    assert trained == [("LoRA r=8", lora[2], 0)]
+    assert chosen == {"LoRA r=8": lora[1]} and len(runs) == len(done) + 1
+
+
+def test_resume_reads_logs_and_recordings_and_keeps_a_run_found_twice_once(tmp_path):
+    first, again = grid_run("LoRA r=8", 1e-3, 0.7), grid_run("LoRA r=8", 1e-3, 0.1)
+    recording, log = tmp_path / "recording.json", tmp_path / "sweep.log"
+    recording.write_text(json.dumps({"runs": [first], "date": "2026-12-04", "machine": {"wall_time_s": 60.0}}))
+    log.write_text("resuming: ...\n" + json.dumps(again) + "\n" + json.dumps(grid_run("LoRA r=8", 3e-3, 0.6)) + "\n")
+    done, sources = choosing_recorded.load_done([str(recording), str(log)])
+    assert [(source["path"], source["runs kept"]) for source in sources] == [(str(recording), 1), (str(log), 1)]
+    assert [(run["learning rate"], run["validation accuracy"]) for run in done] == [(1e-3, 0.7), (3e-3, 0.6)]

@@ -29,8 +29,18 @@ def inputs():
 def test_the_methods_are_the_decoder_costs_methods_with_a_grid_each():
     assert list(decoder_recorded.METHODS) == list(decoder_costs.METHODS)
     for name, (_, centre) in decoder_recorded.METHODS.items():
-        low, middle, high = decoder_recorded.grid(name)
-        assert middle == centre and low == pytest.approx(centre / 3) and high == pytest.approx(3 * centre), name
+        rates = decoder_recorded.grid(name)
+        extension = decoder_recorded.EXTENDED.get(name, 0)
+        expected = [centre / 3, centre, 3 * centre] + ([9 * centre] if extension == +1 else [])
+        expected = ([centre / 9] if extension == -1 else []) + expected
+        assert rates == pytest.approx(expected) and centre in rates, name
+
+
+def test_the_extended_grids_keep_the_first_sweeps_rates_bit_for_bit():
+    """--resume matches runs by their exact rate: the three rates of the first sweep must be the very same floats."""
+    for name, (_, centre) in decoder_recorded.METHODS.items():
+        first = [centre / 3, centre, centre * 3]
+        assert set(first) <= set(decoder_recorded.grid(name)), name
 
 
 @pytest.mark.slow  # SmolLM2's tokenizer and weights
@@ -64,7 +74,7 @@ def test_the_score_is_the_share_of_answer_tokens_predicted_given_the_text_before
     assert scores["loss"] == pytest.approx(own, rel=1e-5)
 
 
-@pytest.mark.slow  # SmolLM2: 10 runs of 2 steps
+@pytest.mark.slow  # SmolLM2: 11 runs of 2 steps (LoRA's grid has four rates)
 def test_quick_sweep_records_every_grid_run_and_chooses_by_validation(tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -74,7 +84,9 @@ def test_quick_sweep_records_every_grid_run_and_chooses_by_validation(tmp_path):
     assert json.loads((tmp_path / "quick.json").read_text()) == json.loads(json.dumps(recording))
     methods = list(decoder_recorded.QUICK_METHODS)
     runs = recording["runs"]
-    assert len(runs) == len(methods) * 5 and {run["steps"] for run in runs} == {2}   # 8 pairs in batches of 4
+    # seed 0 at every rate of the grid, two more seeds at the chosen rate; 8 pairs in batches of 4
+    assert len(runs) == sum(len(decoder_recorded.grid(method)) + 2 for method in methods)
+    assert {run["steps"] for run in runs} == {2}
     assert recording["chosen"] == choosing_recorded.choose(runs)
     for method in methods:
         seed0 = sorted(r["learning rate"] for r in runs if r["method"] == method and r["seed"] == 0)
