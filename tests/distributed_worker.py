@@ -14,6 +14,8 @@ with the one-process run's.
 
 from __future__ import annotations
 
+import datetime
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -27,6 +29,9 @@ from parity import build_batch, build_tiny  # noqa: E402
 import peft_edu  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SEQ = 4, 8, 8
+# a run takes about 10 s; one still going after this long is stuck: it prints every thread's stack and exits, so the
+# test's failure says where (the test kills the launch only later, after 300 s)
+STUCK_AFTER_S = 120
 DEVICE = torch.device(os.environ.get("PEFT_EDU_DEVICE", "cpu"))
 
 
@@ -58,6 +63,7 @@ def optimizer_for(model):
 
 
 def main(engine: str, out: Path) -> None:
+    faulthandler.dump_traceback_later(STUCK_AFTER_S, exit=True)
     torch.set_num_threads(1)
     if engine == "single":
         model = adapted_model()
@@ -77,7 +83,7 @@ def main(engine: str, out: Path) -> None:
         accelerator.end_training()
         return
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=STUCK_AFTER_S // 2))  # a lost peer: an error
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = adapted_model()
     if engine == "ddp":

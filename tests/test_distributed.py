@@ -48,7 +48,10 @@ def one_process_adapter(tmp_path_factory):
 @pytest.mark.parametrize("engine", ["ddp", "accelerate", "fsdp2"])
 def test_two_processes_train_the_adapter_one_process_trains(engine, one_process_adapter, tmp_path):
     out = tmp_path / "adapter"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # --local-addr: without it torchrun names this machine by socket.getfqdn(), a DNS lookup that can stall on a
+    # machine whose resolver is unreachable
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--local-addr", "127.0.0.1"]
     launch(torchrun + [str(WORKER), engine, str(out)], cwd=WORKER.parent)
     trained = adapter_of(out)
     assert trained.keys() == one_process_adapter.keys()
